@@ -1,0 +1,204 @@
+"""Configuration: one TOML file with typed sections, validated once at start-up.
+
+The dataclasses below are the single home of every setting, its type, default and comment;
+``txmlive config --default`` renders them as a commented TOML file, and :func:`load_config`
+overlays a user's file on them, rejecting an unknown section or key, or a value of the wrong
+type, with an error that names it (``ConfigError: [ingest] queue_frames: ...``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used; the message names the bad key."""
+
+
+def _opt(default: Any, doc: str, choices: tuple[str, ...] | None = None,
+         min_value: float | None = None) -> Any:
+    meta = {"doc": doc, "choices": choices, "min": min_value}
+    if isinstance(default, dict | list):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Endpoints:
+    """ZMQ endpoints the commands use to find each other."""
+
+    frames: str = _opt("tcp://127.0.0.1:5555",
+                       "frames: detector/sim/replay bind PUSH here; `txmlive run` connects PULL")
+    results: str = _opt("tcp://127.0.0.1:5556",
+                        "results: `txmlive run` binds PUB, one message per processed frame")
+    preview: str = _opt("tcp://127.0.0.1:5557",
+                        "preview: `txmlive run` binds PUB, keep-latest binned images")
+
+
+@dataclass
+class Ingest:
+    """Receiving frames."""
+
+    socket: str = _opt("pull", "socket type for frames: pull (lossless) or sub (tap a PUB)",
+                       choices=("pull", "sub"))
+    max_payload_mb: float = _opt(256.0, "largest accepted frame payload, MiB", min_value=0)
+    rcvhwm: int = _opt(64, "ZMQ receive high-water mark, messages", min_value=1)
+    queue_frames: int = _opt(16, "bounded queue between receiver and processing, frames",
+                             min_value=1)
+    queue_policy: str = _opt(
+        "block",
+        "when the processing queue is full: block (backpressure to the sender, lossless) or "
+        "drop-oldest (freshest data first; drops are counted)",
+        choices=("block", "drop-oldest"))
+
+
+@dataclass
+class Correction:
+    """Dark/flat correction (raw - dark) / (flat - dark)."""
+
+    enabled: bool = _opt(True, "correct data frames with the matching dark/flat references")
+    reference_frames: int = _opt(10, "references are the mean of the last N dark/flat frames",
+                                 min_value=1)
+    min_denominator: float = _opt(
+        1.0, "pixels whose flat - dark is below this (counts) are dead: corrected value NaN",
+        min_value=0)
+
+
+@dataclass
+class Averaging:
+    """Vibration averaging of consecutive data frames."""
+
+    frames: int = _opt(1, "block average of N consecutive data frames (1 = off)", min_value=1)
+
+
+@dataclass
+class Preview:
+    """The keep-latest preview stream for viewers."""
+
+    bin: int = _opt(4, "binning factor of preview images", min_value=1)
+    max_rate_hz: float = _opt(10.0, "at most this many previews per second", min_value=0)
+
+
+@dataclass
+class Recorder:
+    """HDF5 recording (never drops)."""
+
+    flush_interval_s: float = _opt(1.0, "flush the HDF5 file at least this often, s",
+                                   min_value=0)
+    warn_backlog_frames: int = _opt(
+        64, "warn loudly when this many frames wait to be written", min_value=1)
+
+
+@dataclass
+class Status:
+    """Live status reporting."""
+
+    interval_s: float = _opt(1.0, "status line period, s", min_value=0.05)
+
+
+@dataclass
+class Epics:
+    """EPICS servers and prefixes."""
+
+    sim_prefix: str = _opt("TXMSIM:", "PV prefix of the simulated beamline IOC")
+    sim_ca_port: int = _opt(5064, "CA server port of the simulated beamline IOC", min_value=1)
+    pv_prefix: str = _opt("TXM:LIVE:", "PV prefix of the pipeline's PV server")
+    pv_ca_port: int = _opt(5066, "CA server port of the pipeline's PV server", min_value=1)
+
+
+@dataclass
+class Config:
+    """The whole configuration, one attribute per TOML section."""
+
+    endpoints: Endpoints = field(default_factory=Endpoints)
+    ingest: Ingest = field(default_factory=Ingest)
+    correction: Correction = field(default_factory=Correction)
+    averaging: Averaging = field(default_factory=Averaging)
+    preview: Preview = field(default_factory=Preview)
+    recorder: Recorder = field(default_factory=Recorder)
+    status: Status = field(default_factory=Status)
+    epics: Epics = field(default_factory=Epics)
+
+
+def _check_value(section: str, f: dataclasses.Field, typ: Any, value: Any) -> Any:
+    where = f"[{section}] {f.name}"
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if typ in (int, float, str, bool):
+        if not isinstance(value, typ) or (typ is not bool and isinstance(value, bool)):
+            raise ConfigError(f"{where}: expected {typ.__name__}, got {value!r}")
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}")
+    low = f.metadata.get("min")
+    if low is not None and value < low:
+        raise ConfigError(f"{where}: {value!r} is below the minimum {low}")
+    return value
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Overlay a parsed TOML mapping on the defaults, validating every key."""
+    config = Config()
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    for name, values in data.items():
+        if name not in sections:
+            raise ConfigError(f"unknown section [{name}]; known: {sorted(sections)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"[{name}] must be a table, got {values!r}")
+        current = getattr(config, name)
+        hints = get_type_hints(type(current))
+        keys = {f.name: f for f in dataclasses.fields(current)}
+        for key, value in values.items():
+            if key not in keys:
+                raise ConfigError(f"[{name}] unknown key {key!r}; known: {sorted(keys)}")
+            setattr(current, key, _check_value(name, keys[key], hints[key], value))
+    return config
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """The configuration from a TOML file, or the defaults when ``path`` is None."""
+    if path is None:
+        return Config()
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    return config_from_dict(data)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    return repr(value)
+
+
+def render_config(config: Config | None = None) -> str:
+    """A complete, commented TOML rendering of ``config`` (the defaults when None)."""
+    config = config or Config()
+    lines = ["# txmlive configuration. Every key is optional; these are the defaults.", ""]
+    for section in dataclasses.fields(config):
+        value = getattr(config, section.name)
+        lines.append(f"# {type(value).__doc__.strip()}")
+        lines.append(f"[{section.name}]")
+        for f in dataclasses.fields(value):
+            doc = f.metadata.get("doc", "")
+            choices = f.metadata.get("choices")
+            if choices:
+                doc += f" (one of: {', '.join(choices)})"
+            lines.append(f"# {doc}")
+            lines.append(f"{f.name} = {_toml_value(getattr(value, f.name))}")
+        lines.append("")
+    return "\n".join(lines)
