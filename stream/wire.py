@@ -77,7 +77,7 @@ def encode(frame: Frame) -> list[bytes | memoryview]:
     image = np.ascontiguousarray(frame.image)
     if image.ndim != 2:
         raise WireError("shape", f"image must be 2-D, got shape {image.shape}")
-    return [encode_header(frame), memoryview(image).cast("B")]
+    return [encode_header(frame), memoryview(image.reshape(-1).view(np.uint8))]
 
 
 def _need(header: dict, key: str, types: type | tuple[type, ...], what: str) -> Any:
@@ -93,7 +93,8 @@ def _image(payload: memoryview, shape: Sequence[Any], dtype_str: Any, max_payloa
            ) -> np.ndarray:
     if (not isinstance(shape, list | tuple) or len(shape) != 2
             or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)):
-        raise WireError("bad_value", f"shape must be [rows, cols] of non-negative ints, got {shape!r}")
+        raise WireError(
+            "bad_value", f"shape must be [rows, cols] of non-negative ints, got {shape!r}")
     try:
         dtype = np.dtype(dtype_str)
     except TypeError as exc:
@@ -132,7 +133,8 @@ def decode(parts: Sequence[Any], max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BY
     if not isinstance(header, dict):
         raise WireError("msgpack", f"header must be a msgpack map, got {type(header).__name__}")
     if header.get("v") != VERSION:
-        raise WireError("version", f"unknown protocol version {header.get('v')!r}, expected {VERSION}")
+        raise WireError(
+            "version", f"unknown protocol version {header.get('v')!r}, expected {VERSION}")
     missing = [k for k in REQUIRED_KEYS if k not in header]
     if missing:
         raise WireError("missing_key", f"header lacks required key(s) {missing}")
