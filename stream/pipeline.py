@@ -1,0 +1,422 @@
+"""The pipeline runtime: receive → bounded queue → correct/average/metrics → publish.
+
+Threads and their hand-offs (see DESIGN.md, "Runtime"):
+
+- receiver: ``source.recv`` → stamp ``recv`` → sequence-gap bookkeeping → ingest queue
+  (:class:`~stream.queues.BoundedQueue`, policy from config: ``block`` or ``drop-oldest``);
+- processing: references update on dark/flat frames; data frames go through the fused
+  correction + averaging kernel (:class:`~stream.correct.Corrector`), then the metrics, and
+  leave as a result dict for the publisher (queue), a preview (keep-latest slot, at most
+  ``[preview] max_rate_hz``) and the recorder (never-drop queue);
+- publisher (:class:`~stream.publish.Publisher`): sends results and previews;
+- the caller's thread: status lines and the stop signal.
+
+Every counter (received, processed, dropped, rejected by reason, sequence gaps, uncorrected)
+travels in each result and in the run summary, so nothing is lost silently.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from stream.beam import bin_image
+from stream.correct import Corrector, Processed, References
+from stream.frame import Frame
+from stream.metrics import MetricsEngine
+from stream.publish import MESSAGE_VERSION, Publisher
+from stream.queues import BoundedQueue, Closed, LatestSlot
+from stream.recorder import Recorder
+from stream.source import Source
+
+log = logging.getLogger(__name__)
+
+STAGES = ("recv", "dequeue", "correct", "average", "metrics", "publish")
+
+
+def percentiles_ms(values: list[float] | np.ndarray) -> dict[str, float | None]:
+    """p50/p90/p99/max of latencies in ms (None when there are none)."""
+    if len(values) == 0:
+        return {"p50": None, "p90": None, "p99": None, "max": None}
+    arr = np.asarray(values, dtype=np.float64)
+    p50, p90, p99 = np.percentile(arr, [50, 90, 99])
+    return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "max": float(arr.max())}
+
+
+class _SeqTracker:
+    """Counts missing sequence numbers per series; a seq going backwards starts a new run."""
+
+    def __init__(self) -> None:
+        self.last: dict[str | None, int] = {}
+        self.gaps = 0
+        self.resets = 0
+
+    def see(self, frame: Frame) -> None:
+        last = self.last.get(frame.series)
+        if last is not None:
+            if frame.seq > last + 1:
+                self.gaps += frame.seq - last - 1
+            elif frame.seq <= last:
+                self.resets += 1
+        self.last[frame.series] = frame.seq
+
+
+class _PreviewBuffers:
+    """A few preallocated preview images per shape, handed to the publisher and given back."""
+
+    def __init__(self, count: int = 2):
+        self._count = count
+        self._free: dict[tuple[int, int], list[np.ndarray]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, shape: tuple[int, int]) -> np.ndarray | None:
+        with self._lock:
+            free = self._free.setdefault(
+                shape, [np.empty(shape, np.float32) for _ in range(self._count)])
+            return free.pop() if free else None
+
+    def give(self, image: np.ndarray) -> None:
+        with self._lock:
+            self._free[image.shape].append(image)
+
+
+class _ExpensiveMetrics:
+    """Runs the expensive metrics on the newest frame only, in its own thread.
+
+    The processing thread offers a copy of the metrics ROI (small) through a keep-latest slot;
+    when the worker cannot keep up, older offers are replaced, and each result says which frame
+    the expensive values describe (``metrics_seq``).
+    """
+
+    def __init__(self, engine: MetricsEngine):
+        self._engine = engine
+        self._slot: LatestSlot[tuple[int, np.ndarray, float | None]] = LatestSlot()
+        self._lock = threading.Lock()
+        self._latest: tuple[int | None, dict[str, Any]] = (None, {})
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="txmlive-metrics", daemon=True)
+        self.computed = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def offer(self, seq: int, roi: np.ndarray, pixel_nm: float | None) -> None:
+        self._slot.put((seq, roi, pixel_nm))
+
+    @property
+    def skipped(self) -> int:
+        return self._slot.replaced
+
+    def latest(self) -> tuple[int | None, dict[str, Any]]:
+        with self._lock:
+            return self._latest
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            item = self._slot.take(0.05)
+            if item is None:
+                continue
+            seq, roi, pixel_nm = item
+            try:
+                values = self._engine.expensive_roi(roi, pixel_nm)
+            except Exception:  # a metric failure must never stop the pipeline
+                log.exception("expensive metrics failed on frame %d", seq)
+                continue
+            with self._lock:
+                self._latest = (seq, values)
+            self.computed += 1
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2.0)
+
+
+class Pipeline:
+    """Configure once, then :meth:`run` until the stream ends, ``max_frames`` or ``stop``.
+
+    Parameters
+    ----------
+    source : Source
+        Where frames come from (:class:`~stream.source.ZmqSource`, ...).
+    publisher : Publisher
+        Owns the results/preview sockets.
+    config : txmlive.config.Config-like
+        Needs the ``ingest``, ``correction``, ``averaging``, ``preview`` and ``status``
+        sections (duck-typed so ``stream`` does not import the composition root).
+    metrics : MetricsEngine or None
+        Metrics computed per frame (cheap) and on the newest frame (expensive).
+    recorder : Recorder or None
+        Receives every processed frame and the references it used.
+    max_frames : int or None
+        Stop after this many data frames were processed.
+    on_status : callable or None
+        Called with a status dict about once per ``[status] interval_s``.
+    """
+
+    def __init__(self, source: Source, publisher: Publisher, config: Any, *,
+                 metrics: MetricsEngine | None = None, recorder: Recorder | None = None,
+                 max_frames: int | None = None,
+                 on_status: Callable[[dict[str, Any]], None] | None = None,
+                 on_result: Callable[[dict[str, Any], Processed], None] | None = None):
+        self.source = source
+        self.publisher = publisher
+        self.config = config
+        self.metrics = metrics
+        self.recorder = recorder
+        self.max_frames = max_frames
+        self.on_status = on_status
+        self.on_result = on_result
+        self.references = References(config.correction.reference_frames,
+                                     config.correction.min_denominator)
+        self.corrector = Corrector(self.references, average_frames=config.averaging.frames,
+                                   enabled=config.correction.enabled)
+        self.queue: BoundedQueue[Frame] = BoundedQueue(config.ingest.queue_frames,
+                                                       config.ingest.queue_policy)
+        self._expensive = _ExpensiveMetrics(metrics) if metrics is not None else None
+        self._seq = _SeqTracker()
+        self._previews = _PreviewBuffers()
+        self._next_preview = 0.0
+        self._recorded_refs: set[int] = set()
+        self._stop = threading.Event()
+        self._ended = threading.Event()
+        self.counters: dict[str, Any] = {
+            "processed": 0, "results": 0, "darks": 0, "flats": 0, "ends": 0,
+            "previews": 0, "unprocessed_at_exit": 0,
+        }
+        self._t_first: float | None = None
+        self._t_last: float | None = None
+        self._errors: list[str] = []
+
+    # -- counters ---------------------------------------------------------------------------
+    def snapshot_counters(self) -> dict[str, Any]:
+        """All counters of every stage, as one JSON-able dict."""
+        src = self.source.counters
+        out = dict(self.counters)
+        out.update({
+            "received": src["received"],
+            "rejected": dict(src["rejected"]),
+            "rejected_total": sum(src["rejected"].values()),
+            "dropped": self.queue.dropped,
+            "queue_depth": len(self.queue),
+            "queue_max_depth": self.queue.max_depth,
+            "gaps": self._seq.gaps,
+            "seq_resets": self._seq.resets,
+            "uncorrected": self.corrector.counters["uncorrected"],
+            "results_dropped": self.publisher.results.dropped,
+        })
+        if self._expensive is not None:
+            out["metrics_skipped"] = self._expensive.skipped
+        if self.recorder is not None:
+            rc = self.recorder.counters
+            out["recorder_backlog"] = rc["backlog"]
+            out["recorder_written"] = rc["written"]
+        return out
+
+    # -- threads ----------------------------------------------------------------------------
+    def _receive(self) -> None:
+        try:
+            while not self._stop.is_set():
+                frame = self.source.recv(0.1)
+                if frame is None:
+                    continue
+                frame.stamp("recv")
+                self._seq.see(frame)
+                self.queue.put(frame, self._stop)
+                if frame.kind == "end":
+                    break
+        except Exception as exc:  # report, then let processing drain what was accepted
+            log.exception("receiver failed")
+            self._errors.append(f"receiver: {exc}")
+        finally:
+            self.queue.close()
+
+    def _process_loop(self) -> None:
+        try:
+            while True:
+                try:
+                    frame = self.queue.get(timeout=0.1)
+                except Closed:
+                    break
+                if frame is None:
+                    continue
+                if self._reached_max():
+                    self.counters["unprocessed_at_exit"] += 1
+                    continue
+                self._process(frame)
+            if not self._reached_max():
+                for block in self.corrector.flush():
+                    self._emit(block)
+        except Exception as exc:
+            log.exception("processing failed")
+            self._errors.append(f"processing: {exc}")
+            self._stop.set()
+        finally:
+            self._ended.set()
+
+    def _reached_max(self) -> bool:
+        return self.max_frames is not None and self.counters["processed"] >= self.max_frames
+
+    # -- processing -------------------------------------------------------------------------
+    def _process(self, frame: Frame) -> None:
+        frame.stamp("dequeue")
+        if self._t_first is None:
+            self._t_first = time.monotonic()
+        if frame.kind == "data":
+            self.counters["processed"] += 1
+            for block in self.corrector.push(frame):
+                self._emit(block)
+            if self._reached_max():
+                for block in self.corrector.flush():
+                    self._emit(block)
+                self._stop.set()
+        elif frame.kind in ("dark", "flat"):
+            self.references.add(frame)
+            self.counters["darks" if frame.kind == "dark" else "flats"] += 1
+        else:  # end of series: emit the partial block, then stop
+            self.counters["ends"] += 1
+            for block in self.corrector.flush():
+                self._emit(block)
+            self._stop.set()
+
+    def _pixel_nm(self, frame: Frame) -> float | None:
+        pixel_nm = frame.attrs.get("pixel_nm")
+        if isinstance(pixel_nm, int | float) and pixel_nm > 0:
+            return float(pixel_nm)
+        if self.metrics is not None:
+            return self.metrics.config.pixel_nm
+        return None
+
+    def _emit(self, block: Processed) -> None:
+        frame = block.frame
+        pixel_nm = self._pixel_nm(frame)
+        metrics: dict[str, Any] = {}
+        metrics_seq = None
+        if self.metrics is not None:
+            metrics = self.metrics.cheap(block.image, pixel_nm)
+            if self._expensive is not None:
+                roi = self.metrics.roi_view(block.image)
+                self._expensive.offer(block.seq_last, roi.copy(), pixel_nm)
+                metrics_seq, expensive = self._expensive.latest()
+                metrics.update(expensive)
+        frame.stamp("metrics")
+        result = {
+            "v": MESSAGE_VERSION, "type": "result",
+            "seq": block.seq_last, "seq_first": block.seq_first, "seq_last": block.seq_last,
+            "n_frames": block.n_frames, "series": frame.series, "t_ns": frame.t_ns,
+            "energy_ev": frame.energy_ev, "exposure_s": frame.exposure_s,
+            "positions": dict(frame.positions), "moving": frame.moving, "pixel_nm": pixel_nm,
+            "corrected": block.corrected, "reference_id": block.reference_id,
+            "flags": list(block.flags), "metrics": metrics, "metrics_seq": metrics_seq,
+            "counters": self.snapshot_counters(), "stamps": dict(frame.stamps),
+        }
+        self.counters["results"] += 1
+        self._t_last = time.monotonic()
+        self.publisher.results.put(result)
+        if self.recorder is not None:
+            self._record(block)
+        self._maybe_preview(block, result, pixel_nm)
+        if self.on_result is not None:
+            self.on_result(result, block)
+
+    def _record(self, block: Processed) -> None:
+        frame = block.frame
+        meta = {
+            "seq": block.seq_last, "t_ns": frame.t_ns, "energy_ev": frame.energy_ev,
+            "exposure_s": frame.exposure_s, "positions": frame.positions, "moving": frame.moving,
+            "seq_first": block.seq_first, "seq_last": block.seq_last, "n_frames": block.n_frames,
+            "reference_id": -1 if block.reference_id is None else block.reference_id,
+            "flags": block.flags,
+        }
+        if block.reference_id is not None and block.reference_id not in self._recorded_refs:
+            pair = self.references.by_id(block.reference_id)
+            ref_meta = dict(meta, seq=block.seq_first, reference_id=block.reference_id, flags=[])
+            self.recorder.submit("dark", pair.dark, ref_meta)
+            self.recorder.submit("flat", pair.flat, ref_meta)
+            self._recorded_refs.add(block.reference_id)
+        self.recorder.submit("data", block.image, meta)
+
+    def _maybe_preview(self, block: Processed, result: dict[str, Any],
+                       pixel_nm: float | None) -> None:
+        now = time.monotonic()
+        rate = self.config.preview.max_rate_hz
+        if rate <= 0 or now < self._next_preview:
+            return
+        factor = self.config.preview.bin
+        rows, cols = block.image.shape
+        shape = (max(rows // factor, 1), max(cols // factor, 1))
+        buf = self._previews.take(shape)
+        if buf is None:  # both buffers still with the publisher: skip, the next one comes soon
+            return
+        bin_image(block.image, factor, out=buf)
+        self._next_preview = now + 1.0 / rate
+        message = {
+            "v": MESSAGE_VERSION, "type": "preview", "seq": result["seq"], "t_ns": result["t_ns"],
+            "shape": list(shape), "dtype": buf.dtype.str, "bin": factor,
+            "pixel_nm": None if pixel_nm is None else pixel_nm * factor,
+            "metrics": result["metrics"], "counters": result["counters"],
+            "status": self.status(),
+        }
+        self.publisher.submit_preview(message, buf, self._previews.give)
+        self.counters["previews"] += 1
+
+    # -- status and run ---------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        """fps over the run so far, latency percentiles of the last 1000 results, counters."""
+        lat = self.publisher.latencies_ms[-1000:]
+        elapsed = (self._t_last or 0) - (self._t_first or 0)
+        fps = self.counters["processed"] / elapsed if elapsed > 0 else 0.0
+        return {"fps": fps, "latency_ms": percentiles_ms(lat)}
+
+    def run(self, stop: threading.Event | None = None) -> dict[str, Any]:
+        """Run until the stream ends, ``max_frames`` is reached or ``stop`` is set."""
+        stop = stop or threading.Event()
+        self.publisher.start()
+        if self._expensive is not None:
+            self._expensive.start()
+        receiver = threading.Thread(target=self._receive, name="txmlive-recv", daemon=True)
+        processor = threading.Thread(target=self._process_loop, name="txmlive-process",
+                                     daemon=True)
+        receiver.start()
+        processor.start()
+        interval = self.config.status.interval_s
+        last_status = time.monotonic()
+        last_processed = 0
+        while not self._ended.wait(0.05):
+            if stop.is_set():
+                self._stop.set()
+            now = time.monotonic()
+            if self.on_status is not None and now - last_status >= interval:
+                processed = self.counters["processed"]
+                status = self.status()
+                status["fps_now"] = (processed - last_processed) / (now - last_status)
+                status["counters"] = self.snapshot_counters()
+                self.on_status(status)
+                last_status, last_processed = now, processed
+        self._stop.set()
+        receiver.join(5.0)
+        processor.join(5.0)
+        if self._expensive is not None:
+            self._expensive.close()
+        self.publisher.close()
+        summary = self.summary()
+        if self.recorder is not None:
+            summary["recorder"] = self.recorder.close()
+        return summary
+
+    def summary(self) -> dict[str, Any]:
+        elapsed = (self._t_last or 0) - (self._t_first or 0)
+        processed = self.counters["processed"]
+        return {
+            "frames": processed,
+            "results": self.counters["results"],
+            "duration_s": elapsed,
+            "fps": processed / elapsed if elapsed > 0 else 0.0,
+            "latency_ms": percentiles_ms(self.publisher.latencies_ms),
+            "counters": self.snapshot_counters(),
+            "errors": list(self._errors),
+        }

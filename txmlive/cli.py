@@ -1,0 +1,287 @@
+"""The ``txmlive`` command line: the composition root that wires config, sources, pipeline,
+publishers, recorder and replays together.
+
+Every command takes ``--config FILE``; commands that produce a result take ``--json`` and then
+print exactly one JSON object on stdout (status lines go to stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from txmlive.config import Config, ConfigError, load_config, render_config
+
+if TYPE_CHECKING:
+    from stream.metrics import MetricsEngine
+
+log = logging.getLogger("txmlive")
+
+
+class UsageError(Exception):
+    """A command-line problem reported as one clear line (exit code 2)."""
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+
+    def handler(signum: int, _frame: Any) -> None:
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
+    return stop
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, default=_json_default), flush=True)
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def _fmt(value: float | None, spec: str = ".1f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def status_line(status: dict[str, Any]) -> str:
+    """One human line from a pipeline status dict."""
+    c = status["counters"]
+    lat = status["latency_ms"]
+    return (
+        f"fps {status.get('fps_now', status['fps']):7.1f} | latency p50 {_fmt(lat['p50'])} "
+        f"p99 {_fmt(lat['p99'])} max {_fmt(lat['max'])} ms | recv {c['received']} "
+        f"proc {c['processed']} drop {c['dropped']} rej {c['rejected_total']} "
+        f"gaps {c['gaps']} uncorr {c['uncorrected']} | queue {c['queue_depth']}"
+    )
+
+
+# -- commands --------------------------------------------------------------------------------
+
+def cmd_config(args: argparse.Namespace, config: Config) -> int:
+    print(render_config(None if args.default else config))
+    return 0
+
+
+def _metrics_engine(config: Config) -> MetricsEngine:
+    from stream.metrics import MetricsConfig, MetricsEngine
+
+    return MetricsEngine(MetricsConfig())
+
+
+def cmd_run(args: argparse.Namespace, config: Config) -> int:
+    from stream.correct import warmup
+    from stream.pipeline import Pipeline
+    from stream.publish import Publisher
+    from stream.recorder import Recorder
+    from stream.source import ZmqSource
+
+    warmup()
+    source = ZmqSource(args.connect or config.endpoints.frames,
+                       socket_type=config.ingest.socket, rcvhwm=config.ingest.rcvhwm,
+                       max_payload_bytes=int(config.ingest.max_payload_mb * 2**20))
+    publisher = Publisher(args.results or config.endpoints.results,
+                          args.preview or config.endpoints.preview)
+    recorder = None
+    if args.record:
+        recorder = Recorder(args.record, flush_interval_s=config.recorder.flush_interval_s,
+                            warn_backlog_frames=config.recorder.warn_backlog_frames,
+                            attrs={"mode": "processed", "config": render_config(config)})
+        recorder.start()
+    pipeline = Pipeline(source, publisher, config, metrics=_metrics_engine(config),
+                        recorder=recorder, max_frames=args.frames,
+                        on_status=lambda s: print(status_line(s), file=sys.stderr, flush=True))
+    stop = _stop_on_signals()
+    print(f"txmlive run: ready; frames <- {source.url}, results -> "
+          f"{args.results or config.endpoints.results}, preview -> "
+          f"{args.preview or config.endpoints.preview}", file=sys.stderr, flush=True)
+    try:
+        summary = pipeline.run(stop)
+    finally:
+        source.close()
+    if args.json:
+        _print_json(summary)
+    else:
+        lat = summary["latency_ms"]
+        print(f"processed {summary['frames']} frames at {summary['fps']:.1f} fps, latency p50 "
+              f"{_fmt(lat['p50'])} p99 {_fmt(lat['p99'])} max {_fmt(lat['max'])} ms; counters "
+              f"{json.dumps(summary['counters'])}", file=sys.stderr)
+    return 1 if summary["errors"] else 0
+
+
+def cmd_record(args: argparse.Namespace, config: Config) -> int:
+    from stream.recorder import Recorder
+    from stream.source import ZmqSource
+
+    source = ZmqSource(args.connect or config.endpoints.frames,
+                       socket_type=config.ingest.socket, rcvhwm=config.ingest.rcvhwm,
+                       max_payload_bytes=int(config.ingest.max_payload_mb * 2**20))
+    recorder = Recorder(args.out, flush_interval_s=config.recorder.flush_interval_s,
+                        warn_backlog_frames=config.recorder.warn_backlog_frames,
+                        attrs={"mode": "raw", "source": args.connect or config.endpoints.frames})
+    recorder.start()
+    stop = _stop_on_signals()
+    counts = {"data": 0, "dark": 0, "flat": 0}
+    next_status = time.monotonic() + config.status.interval_s
+    try:
+        while not stop.is_set():
+            frame = source.recv(0.1)
+            if frame is not None:
+                if frame.kind == "end":
+                    break
+                meta = {"seq": frame.seq, "t_ns": frame.t_ns, "energy_ev": frame.energy_ev,
+                        "exposure_s": frame.exposure_s, "positions": frame.positions,
+                        "moving": frame.moving}
+                # The received buffer is the ZMQ message: the recorder copies it into its pool.
+                recorder.submit(frame.kind, frame.image, meta)
+                counts[frame.kind] += 1
+                if args.frames is not None and counts["data"] >= args.frames:
+                    break
+            if time.monotonic() >= next_status:
+                next_status += config.status.interval_s
+                print(f"recorded {counts} backlog {recorder.counters['backlog']} rejected "
+                      f"{source.counters['rejected']}", file=sys.stderr, flush=True)
+    finally:
+        summary = recorder.close()
+        source.close()
+    out = {"frames": counts, "rejected": source.counters["rejected"], "recorder": summary}
+    if args.json:
+        _print_json(out)
+    else:
+        print(f"recorded {counts} into {summary.get('files')}", file=sys.stderr)
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace, config: Config) -> int:
+    from stream.readers import open_series
+    from stream.replay import replay
+
+    if args.fps is not None and args.realtime:
+        raise UsageError("--fps and --realtime exclude each other")
+    try:
+        series = open_series(args.path)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read {args.path}: {exc}") from exc
+    print(f"replaying {args.path}: {len(series)} frames {series.counts} shape {series.shape} "
+          f"{series.dtype} → {args.bind or config.endpoints.frames}", file=sys.stderr)
+    summary = replay(series, args.bind or config.endpoints.frames, fps=args.fps,
+                     realtime=args.realtime, loop=args.loop, stop=_stop_on_signals())
+    if args.json:
+        _print_json(summary)
+    else:
+        print(f"sent {summary}", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, config: Config) -> int:
+    """Synthesized frames streamed over loopback through a real pipeline, with live status."""
+    from stream.correct import warmup
+    from stream.pipeline import Pipeline
+    from stream.publish import Publisher
+    from stream.replay import replay
+    from stream.source import ZmqSource
+    from stream.synth import synthetic_frames
+    from txmlive.ports import free_tcp_url
+
+    warmup()
+    frames_url, results_url, preview_url = free_tcp_url(), free_tcp_url(), free_tcp_url()
+    n_data = int(args.duration * args.fps)
+    frames = synthetic_frames((args.size, args.size), n_data, seed=args.seed)
+    stop = _stop_on_signals()
+    sender = threading.Thread(
+        target=replay, args=(frames, frames_url), kwargs={"fps": args.fps, "stop": stop},
+        name="demo-sender", daemon=True)
+    source = ZmqSource(frames_url, socket_type="pull", rcvhwm=config.ingest.rcvhwm)
+    pipeline = Pipeline(source, Publisher(results_url, preview_url), config,
+                        metrics=_metrics_engine(config),
+                        on_status=lambda s: print(status_line(s), file=sys.stderr, flush=True))
+    print(f"demo: {n_data} synthesized {args.size}x{args.size} frames at {args.fps} fps "
+          f"→ {frames_url}; results {results_url}, preview {preview_url}", file=sys.stderr)
+    sender.start()
+    try:
+        summary = pipeline.run(stop)
+    finally:
+        source.close()
+    sender.join(5.0)
+    _print_json(summary) if args.json else print(status_line(
+        dict(pipeline.status(), counters=summary["counters"])), file=sys.stderr)
+    return 1 if summary["errors"] else 0
+
+
+# -- parser ----------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="txmlive", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, func: Callable[..., int], help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", metavar="FILE", help="TOML configuration file")
+        p.set_defaults(func=func)
+        return p
+
+    p = command("config", cmd_config, "print the configuration (with comments)")
+    p.add_argument("--default", action="store_true", help="the built-in defaults")
+
+    p = command("run", cmd_run, "run the live pipeline on a frame stream")
+    p.add_argument("--connect", metavar="URL", help="frames endpoint (PULL connects)")
+    p.add_argument("--results", metavar="URL", help="results PUB endpoint to bind")
+    p.add_argument("--preview", metavar="URL", help="preview PUB endpoint to bind")
+    p.add_argument("--record", metavar="FILE", help="record processed frames to HDF5")
+    p.add_argument("--frames", type=int, metavar="N", help="exit after N data frames")
+    p.add_argument("--json", action="store_true", help="print a JSON summary at exit")
+
+    p = command("record", cmd_record, "record raw frames from a stream to HDF5")
+    p.add_argument("--connect", metavar="URL", help="frames endpoint (PULL connects)")
+    p.add_argument("--out", metavar="FILE", required=True, help="HDF5 file to write")
+    p.add_argument("--frames", type=int, metavar="N", help="stop after N data frames")
+    p.add_argument("--json", action="store_true", help="print a JSON summary at exit")
+
+    p = command("replay", cmd_replay, "stream a recorded series as frames")
+    p.add_argument("path", help="Data Exchange/NeXus HDF5, TIFF folder, .xrm/.txrm, .npy")
+    p.add_argument("--bind", metavar="URL", help="PUSH endpoint to bind")
+    p.add_argument("--fps", type=float, help="send at this rate")
+    p.add_argument("--realtime", action="store_true", help="send at the recorded rate")
+    p.add_argument("--loop", action="store_true", help="repeat the data frames forever")
+    p.add_argument("--json", action="store_true", help="print a JSON summary at exit")
+
+    p = command("demo", cmd_demo, "stream synthesized frames through the live pipeline")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds of frames")
+    p.add_argument("--fps", type=float, default=50.0, help="frame rate")
+    p.add_argument("--size", type=int, default=1024, help="frame size, px")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the frames")
+    p.add_argument("--json", action="store_true", help="print a JSON summary at exit")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    try:
+        config = load_config(args.config)
+        return args.func(args, config)
+    except (ConfigError, UsageError) as exc:
+        print(f"txmlive {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
