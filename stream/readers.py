@@ -7,15 +7,29 @@ flats, then the data, with ``seq`` counting from 0 across the whole series.
 
 Formats
 -------
-- Data Exchange HDF5 (``/exchange/data``, ``data_dark``, ``data_white``). Optional per-frame
-  datasets follow the Data Exchange suffix convention of ``theta``/``theta_dark``/
-  ``theta_white``: ``seq``, ``t_ns``, ``energy_ev``, ``exposure_s``, ``positions`` (2-D, frames
-  x roles, attribute ``roles``) and ``theta`` describe ``data``; the same names with ``_dark``
-  and ``_white`` describe the references. A scalar dataset applies to every frame of its block.
+- Data Exchange HDF5 (``/exchange/data``, ``data_dark``, ``data_white``), with the per-frame
+  datasets txmlive's recorder writes when present (see :mod:`stream.recorder`): ``seq``,
+  ``t_ns``, ``energy_ev``, ``exposure_s``, ``moving``, ``positions`` (2-D, frames x roles,
+  attribute ``roles``; NaN = role absent) and ``seq_first``, ``seq_last``, ``n_frames``,
+  ``reference_id``, ``flags`` describe ``data``; the same names prefixed ``dark_`` and
+  ``white_`` describe the references. ``theta`` (with the Data Exchange suffixes ``_dark`` and
+  ``_white``) becomes ``attrs["theta_deg"]``. A scalar dataset applies to every frame.
 - areaDetector NeXus HDF5 (``/entry/data/data``, 2-D or 3-D) with the per-frame NDAttributes
   under ``/entry/instrument/NDAttributes`` when the file has them.
-- A folder of TIFFs (searched recursively), a single TIFF (every page a data frame), a ``.npy``.
-- Xradia ``.xrm``/``.txrm`` (OLE compound files).
+  FrameType (0/1/2) gives the kind, AcquireTime the exposure, Energy (eV) the energy,
+  NDArrayEpicsTSSec/nSec the time, NDArrayUniqueId ``attrs["recorded_seq"]``, the rest go to
+  ``attrs``. Without them: exposure from a PV-sourced ``...AcquireTime`` value under
+  ``/entry/instrument``, energy from ``monochromator/energy`` (with its units).
+- A folder of TIFFs (searched recursively, natural sort order of the relative paths; a path
+  relative to the folder containing "dark" is a dark, "flat" or "white" a flat, anything else
+  data), a single TIFF (every page a data frame), a ``.npy`` (2-D or 3-D, data frames).
+- Xradia ``.xrm``/``.txrm`` (OLE compound files): ``ImageData<k>/Image<i>`` are data frames,
+  ``ReferenceData/Image`` a flat; energy from the ``Energy`` motor axis, exposure from
+  ``ImageInfo/ExpTimes``, ``pixel_nm`` from ``ImageInfo/PixelSize`` (µm), ``theta_deg`` from
+  ``ImageInfo/Angles``, all motor axes in ``attrs["motors"]``/``attrs["motor_units"]``, and the
+  ``Zoneplate Z`` axis as ``positions["zp_z_um"]``. Times come from ``ImageInfo/Date``, which is
+  local wall-clock time without a zone: read as UTC, so spacing is right but the absolute time
+  may be off by the site's UTC offset.
 
 Every failure to understand a path raises :class:`ReaderError` with the path in the message.
 """
@@ -78,6 +92,7 @@ class _Entry:
     t_ns: int | None = None
     exposure_s: float = 0.0
     energy_ev: float = 0.0
+    moving: bool = False
     positions: dict[str, float] = field(default_factory=dict)
     attrs: dict[str, Any] = field(default_factory=dict)
 
@@ -147,12 +162,12 @@ class Series:
             for seq, e in enumerate(self._entries):
                 try:
                     image = _native(load(e.loc), e.shape)
-                except (OSError, ValueError, KeyError) as exc:
+                except (OSError, RuntimeError, ValueError, KeyError) as exc:
                     raise ReaderError(f"{self.path}: cannot read frame {seq} ({e.kind}, "
                                       f"{e.loc!r}): {exc}") from exc
                 yield Frame(
                     seq=seq, t_ns=int(e.t_ns), kind=e.kind, image=image,
-                    exposure_s=e.exposure_s, energy_ev=e.energy_ev,
+                    exposure_s=e.exposure_s, energy_ev=e.energy_ev, moving=e.moving,
                     positions=dict(e.positions), series=self.name, attrs=dict(e.attrs),
                 )
 
@@ -203,7 +218,8 @@ def open_series(path: str | Path) -> Series:
         if str(path) in str(exc):
             raise
         raise ReaderError(f"{path}: {exc}") from exc
-    except (OSError, ValueError, KeyError, TypeError, tifffile.TiffFileError) as exc:
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError, tifffile.TiffFileError
+            ) as exc:
         detail = str(exc) if len(str(exc)) <= 200 else str(exc)[:200] + "..."
         raise ReaderError(f"{path}: broken or unsupported file ({type(exc).__name__}: {detail})"
                           ) from exc
@@ -291,7 +307,7 @@ def _text(value: Any) -> str:
 
 @contextmanager
 def _hdf5_loader(path: Path) -> Iterator[Loader]:
-    with h5py.File(path, "r") as f:
+    with h5py.File(path, "r", swmr=True) as f:
         def load(loc: tuple[str, int | None]) -> np.ndarray:
             name, index = loc
             return f[name][()] if index is None else f[name][index]
@@ -299,7 +315,8 @@ def _hdf5_loader(path: Path) -> Iterator[Loader]:
 
 
 def _open_hdf5(path: Path) -> Series:
-    with h5py.File(path, "r") as f:
+    # swmr=True also reads a file that txmlive's recorder is still writing
+    with h5py.File(path, "r", swmr=True) as f:
         if isinstance(f.get("exchange/data"), h5py.Dataset):
             entries, fmt = _dxchange_entries(f), "dxchange"
         elif isinstance(f.get("entry/data/data"), h5py.Dataset):
@@ -323,19 +340,22 @@ def _frames_of(ds: h5py.Dataset) -> tuple[int, int | None, tuple[int, ...]]:
 
 
 def _per_frame(group: h5py.Group, name: str, n: int) -> np.ndarray | None:
-    """A per-frame dataset of ``group`` as an array of ``n`` rows, or None when absent."""
+    """A per-frame dataset of ``group`` as an array of ``n`` rows, or None when absent.
+
+    A scalar applies to every frame. Extra rows are ignored: a recorder writing in SWMR mode
+    writes metadata before pixels, so a live file may hold metadata for frames not yet there.
+    """
     ds = group.get(name)
     if ds is None:
         return None
     if not isinstance(ds, h5py.Dataset):
         raise ReaderError(f"{ds.name} must be a dataset")
-    values = ds[()]
-    if np.ndim(values) == 0:
-        return np.full(n, values)
-    if np.shape(values)[0] != n:
-        raise ReaderError(f"{ds.name} has {np.shape(values)[0]} rows but its image dataset "
-                          f"has {n} frames")
-    return values
+    if ds.ndim == 0:
+        return np.full(n, ds[()])
+    if ds.shape[0] < n:
+        raise ReaderError(f"{ds.name} has {ds.shape[0]} rows but its image dataset has {n} "
+                          "frames")
+    return ds[:n]
 
 
 def _theta_deg(ds: h5py.Dataset, values: np.ndarray) -> np.ndarray:
@@ -344,36 +364,42 @@ def _theta_deg(ds: h5py.Dataset, values: np.ndarray) -> np.ndarray:
     return np.degrees(values) if units.startswith("rad") else values
 
 
+# (kind, image dataset, prefix of txmlive's per-frame datasets, suffix of Data Exchange theta)
+_DX_BLOCKS = (("dark", "data_dark", "dark_", "_dark"),
+              ("flat", "data_white", "white_", "_white"),
+              ("data", "data", "", ""))
+# txmlive recorder per-frame datasets that travel in attrs under their own names
+_DX_EXTRA = ("seq_first", "seq_last", "n_frames", "reference_id", "flags")
+
+
 def _dxchange_entries(f: h5py.File) -> list[_Entry]:
     ex = f["exchange"]
     entries: list[_Entry] = []
-    for kind, image_name, suffix in (("dark", "data_dark", "_dark"),
-                                     ("flat", "data_white", "_white"),
-                                     ("data", "data", "")):
+    for kind, image_name, prefix, theta_suffix in _DX_BLOCKS:
         ds = ex.get(image_name)
         if ds is None:
             continue
         n, first, shape = _frames_of(ds)
-        seq = _per_frame(ex, "seq" + suffix, n)
-        t_ns = _per_frame(ex, "t_ns" + suffix, n)
-        energy = _per_frame(ex, "energy_ev" + suffix, n)
-        exposure = _per_frame(ex, "exposure_s" + suffix, n)
-        theta = _per_frame(ex, "theta" + suffix, n)
+        meta = {name: _per_frame(ex, prefix + name, n)
+                for name in ("seq", "t_ns", "energy_ev", "exposure_s", "moving", *_DX_EXTRA)}
+        theta = _per_frame(ex, "theta" + theta_suffix, n)
         if theta is not None:
-            theta = _theta_deg(ex["theta" + suffix], theta)
-        positions = _dx_positions(ex, "positions" + suffix, n)
+            theta = _theta_deg(ex["theta" + theta_suffix], theta)
+        positions = _dx_positions(ex, prefix + "positions", n)
         for i in range(n):
-            attrs: dict[str, Any] = {}
-            if seq is not None:
-                attrs["recorded_seq"] = int(seq[i])
+            attrs: dict[str, Any] = {name: _scalar(meta[name][i]) for name in _DX_EXTRA
+                                     if meta[name] is not None}
+            if meta["seq"] is not None:
+                attrs["recorded_seq"] = int(meta["seq"][i])
             if theta is not None:
                 attrs["theta_deg"] = float(theta[i])
             entries.append(_Entry(
                 kind=kind, loc=(ds.name, None if first is None else i), shape=shape,
                 dtype=ds.dtype,
-                t_ns=None if t_ns is None else int(t_ns[i]),
-                exposure_s=0.0 if exposure is None else float(exposure[i]),
-                energy_ev=0.0 if energy is None else float(energy[i]),
+                t_ns=None if meta["t_ns"] is None else int(meta["t_ns"][i]),
+                exposure_s=0.0 if meta["exposure_s"] is None else float(meta["exposure_s"][i]),
+                energy_ev=0.0 if meta["energy_ev"] is None else float(meta["energy_ev"][i]),
+                moving=False if meta["moving"] is None else bool(meta["moving"][i]),
                 positions=positions[i] if positions else {},
                 attrs=attrs,
             ))
@@ -381,15 +407,18 @@ def _dxchange_entries(f: h5py.File) -> list[_Entry]:
 
 
 def _dx_positions(ex: h5py.Group, name: str, n: int) -> list[dict[str, float]] | None:
+    """Per-frame {role: position}; NaN (the recorder's mark of a role a frame lacked) is
+    left out."""
     ds = ex.get(name)
     if ds is None:
         return None
     roles = [_text(r) for r in np.atleast_1d(ds.attrs.get("roles", []))]
-    values = np.asarray(ds[()], dtype=float)
-    if values.ndim != 2 or values.shape != (n, len(roles)):
+    if ds.ndim != 2 or ds.shape[1] != len(roles) or ds.shape[0] < n:
         raise ReaderError(f"{ds.name} must be (frames, roles) = ({n}, {len(roles)}) with the "
-                          f"role names in its 'roles' attribute, got shape {values.shape}")
-    return [dict(zip(roles, map(float, row), strict=True)) for row in values]
+                          f"role names in its 'roles' attribute, got shape {ds.shape}")
+    values = np.asarray(ds[:n], dtype=float)
+    return [{role: float(v) for role, v in zip(roles, row, strict=True) if not np.isnan(v)}
+            for row in values]
 
 
 def _nexus_entries(f: h5py.File) -> list[_Entry]:

@@ -86,6 +86,7 @@ def test_hdf5_iteration_reads_one_frame_at_a_time(monkeypatch):
 
 
 def write_dx(path: Path, n_dark: int = 2, n_white: int = 3, n_data: int = 5) -> dict:
+    """A Data Exchange file with txmlive's per-frame datasets (prefixes dark_/white_)."""
     rng = np.random.default_rng(7)
     blocks = {name: rng.integers(0, 4000, size=(n, 4, 6), dtype=np.uint16)
               for name, n in (("data_dark", n_dark), ("data_white", n_white), ("data", n_data))}
@@ -95,20 +96,24 @@ def write_dx(path: Path, n_dark: int = 2, n_white: int = 3, n_data: int = 5) -> 
         "t_ns": t0 + np.arange(n_data, dtype=np.int64) * 10_000_000 + 1_000_000_000,
         "energy_ev": np.linspace(8000.0, 8040.0, n_data),
         "exposure_s": np.full(n_data, 0.01),
-        "seq_dark": np.arange(n_dark), "t_ns_dark": t0 + np.arange(n_dark) * 5,
-        "seq_white": np.arange(n_dark, n_dark + n_white),
-        "t_ns_white": t0 + 1000 + np.arange(n_white) * 5,
+        "moving": np.array([False, True, False, False, True][:n_data]),
+        "reference_id": np.full(n_data, 3),
+        "flags": np.array([b"", b"saturated", b"", b"", b""][:n_data], dtype="S256"),
+        "dark_seq": np.arange(n_dark), "dark_t_ns": t0 + np.arange(n_dark) * 5,
+        "white_seq": np.arange(n_dark, n_dark + n_white),
+        "white_t_ns": t0 + 1000 + np.arange(n_white) * 5,
     }
     positions = np.column_stack([np.linspace(-10.0, 10.0, n_data), np.full(n_data, 3.5)])
+    positions[2, 1] = np.nan  # frame 2 lacked cond_x_um
     with h5py.File(path, "w") as f:
         ex = f.create_group("exchange")
         for name, block in blocks.items():
             ex.create_dataset(name, data=block, chunks=(1, 4, 6))
         for name, values in meta.items():
             ex.create_dataset(name, data=values)
-        ex.create_dataset("exposure_s_white", data=0.02)  # scalar: applies to every flat
+        ex.create_dataset("white_exposure_s", data=0.02)  # scalar: applies to every flat
         ds = ex.create_dataset("positions", data=positions)
-        ds.attrs["roles"] = ["zp_z_um", "cond_x_um"]
+        ds.attrs["roles"] = np.array(["zp_z_um", "cond_x_um"], dtype=h5py.string_dtype())
         ex.create_dataset("theta", data=np.radians([0.0, 10, 20, 30, 40])).attrs["units"] = "rad"
     return {**blocks, **meta, "positions": positions}
 
@@ -122,22 +127,38 @@ def test_data_exchange_round_trip_of_per_frame_datasets(tmp_path):
     frames = check_series_invariants(series)
     darks, flats, data = frames[:2], frames[2:5], frames[5:]
     assert [f.attrs["recorded_seq"] for f in frames] == [0, 1, 2, 3, 4, *range(100, 105)]
-    assert [f.t_ns for f in darks] == list(written["t_ns_dark"])
-    assert [f.t_ns for f in flats] == list(written["t_ns_white"])
+    assert [f.t_ns for f in darks] == list(written["dark_t_ns"])
+    assert [f.t_ns for f in flats] == list(written["white_t_ns"])
     assert [f.t_ns for f in data] == list(written["t_ns"])
     assert [f.energy_ev for f in data] == pytest.approx(written["energy_ev"])
     assert [f.exposure_s for f in flats] == [0.02] * 3
     assert [f.exposure_s for f in data] == pytest.approx([0.01] * 5)
+    assert [f.moving for f in data] == [False, True, False, False, True]
+    assert [f.attrs["flags"] for f in data] == ["", "saturated", "", "", ""]
+    assert all(f.attrs["reference_id"] == 3 for f in data)
     for i, f in enumerate(data):
-        assert f.positions == {"zp_z_um": pytest.approx(written["positions"][i, 0]),
-                               "cond_x_um": 3.5}
+        expected = {"zp_z_um": written["positions"][i, 0], "cond_x_um": 3.5}
+        if i == 2:
+            del expected["cond_x_um"]  # NaN in the file: the role was absent
+        assert f.positions == pytest.approx(expected)
         np.testing.assert_array_equal(f.image, written["data"][i])
         assert f.attrs["theta_deg"] == pytest.approx(10.0 * i)
     assert darks[0].positions == {} and darks[0].energy_ev == 0.0
+    assert "flags" not in darks[0].attrs
     np.testing.assert_array_equal(flats[2].image, written["data_white"][2])
 
 
-def test_data_exchange_per_frame_length_mismatch_names_dataset(tmp_path):
+def test_data_exchange_metadata_ahead_of_pixels_is_accepted(tmp_path):
+    # A recorder in SWMR mode writes metadata before pixels: extra rows are not an error.
+    path = tmp_path / "live.h5"
+    write_dx(path)
+    with h5py.File(path, "a") as f:
+        del f["exchange/t_ns"]
+        f["exchange/t_ns"] = np.arange(7)
+    assert [f.t_ns for f in open_series(path)][-5:] == [0, 1, 2, 3, 4]
+
+
+def test_data_exchange_per_frame_too_short_names_dataset(tmp_path):
     path = tmp_path / "bad.h5"
     write_dx(path)
     with h5py.File(path, "a") as f:
@@ -145,6 +166,26 @@ def test_data_exchange_per_frame_length_mismatch_names_dataset(tmp_path):
         f["exchange/t_ns"] = np.arange(4)
     with pytest.raises(ReaderError, match=r"bad\.h5.*/exchange/t_ns has 4 rows.*5 frames"):
         open_series(path)
+
+
+def test_reads_what_the_txmlive_recorder_writes(tmp_path):
+    recorder_module = pytest.importorskip("stream.recorder")
+    rng = np.random.default_rng(3)
+    sent = [("dark", 0), ("flat", 1), ("data", 2), ("data", 3), ("data", 4)]
+    images = {seq: rng.integers(0, 60000, (6, 5), dtype=np.uint16) for _, seq in sent}
+    path = tmp_path / "rec.h5"
+    with recorder_module.Recorder(path, flush_interval_s=0.0) as rec:
+        for kind, seq in sent:
+            rec.submit(kind, images[seq], {
+                "seq": seq, "t_ns": 10**18 + seq * 10**7, "energy_ev": 8000.0 + seq,
+                "exposure_s": 0.01, "positions": {"zp_z_um": 1.5 * seq}, "moving": seq == 3})
+    frames = list(open_series(path))
+    assert [(f.kind, f.seq, f.attrs["recorded_seq"]) for f in frames] == [
+        (kind, seq, seq) for kind, seq in sent]
+    for f in frames:
+        np.testing.assert_array_equal(f.image, images[f.seq])
+        assert f.t_ns == 10**18 + f.seq * 10**7 and f.energy_ev == 8000.0 + f.seq
+        assert f.positions == {"zp_z_um": 1.5 * f.seq} and f.moving == (f.seq == 3)
 
 
 # --- areaDetector NeXus ------------------------------------------------------------------------
