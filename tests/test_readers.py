@@ -348,6 +348,15 @@ def test_xradia_txrm_tomo_series():
     assert np.all((gaps_s >= 5) & (gaps_s <= 12))  # 5 s exposures plus overhead
 
 
+def test_xradia_frames_fit_the_wire():
+    from stream.wire import decode, encode
+
+    for frame in open_series(shared("xradia-txm/test_chip00.xrm")):
+        back = decode(encode(frame))
+        assert back.attrs == frame.attrs and back.positions == frame.positions
+        np.testing.assert_array_equal(back.image, frame.image)
+
+
 # --- bad input ---------------------------------------------------------------------------------
 
 def test_missing_path(tmp_path):

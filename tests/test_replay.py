@@ -141,6 +141,19 @@ def test_realtime_pacing_follows_recorded_spacing():
     assert rx.arrival_s[6] - rx.arrival_s[2] >= 0.5 * 4 * 0.040  # receiver side: looser
 
 
+def test_realtime_loop_waits_one_data_spacing_at_the_wrap():
+    url = free_url()
+    frames = make_frames(n_data=2, period_ns=30_000_000)  # dark, flat, 2 data 30 ms apart
+    stop = threading.Event()
+    rx = Receiver(url, stop_after=8, stop=stop)
+    summary = replay(frames, url, realtime=True, loop=True, stop=stop)
+    got = rx.result()[:-1]
+    assert [f.kind for f in got[:2]] == ["dark", "flat"] and len(got) >= 8
+    # data frames 2..7 follow each other 30 ms apart, the wraps included: 5 gaps
+    assert summary["duration_s"] >= 0.9 * 5 * 0.030
+    assert [f.attrs["recorded_t_ns"] for f in got[2:8]] == [frames[2].t_ns, frames[3].t_ns] * 3
+
+
 def test_loop_repeats_data_only_with_increasing_seq_until_stopped():
     url = free_url()
     frames = make_frames(n_data=3)  # dark, flat, 3 data
