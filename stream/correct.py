@@ -18,14 +18,16 @@ dark, say 1e-30 counts, then gives a huge or overflowing value, as asked.)
 Live references
 ---------------
 :class:`References` keeps, per key ``(round(energy_ev, 1), exposure_s, shape)`` and per kind
-(dark, flat), a ring of the last ``n_frames`` frames in arrival order. Every dark/flat frame
-replaces the oldest one in its ring once the ring is full, so after ``n_frames`` new frames the
-old ones are gone; the reference image is the float32 mean of what is in the ring, summed
-oldest to newest. A change of pixel dtype at a key restarts that ring. The dark/gain pair is
-rebuilt lazily, at the first :meth:`References.lookup` after its rings changed, so a burst of
-references costs one rebuild, and never per data frame. Every rebuild makes a new immutable
-:class:`ReferencePair` with a new ``id`` (increasing), which a recorder notes per data frame.
-At most ``max_keys`` keys are held (least recently used goes first): each key holds
+(dark, flat), a ring of the last ``n_frames`` frames of the current *reference run*, in arrival
+order; the reference image is the float32 mean of what is in the ring, summed oldest to newest.
+A run is a sequence of dark (flat) frames with no data frame looked up in between: re-taking
+references after data frames starts a new run, which replaces the old references at once (a
+fresh set of 3 flats is not mixed with 7 stale ones). Within a run, frames beyond ``n_frames``
+replace the oldest ones. A change of pixel dtype at a key restarts that ring. The dark/gain
+pair is rebuilt lazily, at the first :meth:`References.lookup` after its rings changed, so a
+burst of references costs one rebuild, and never per data frame. Every rebuild makes a new
+immutable :class:`ReferencePair` with a new ``id`` (increasing), which a recorder notes per
+data frame. At most ``max_keys`` keys are held (least recently used goes first): each key holds
 ``2 * n_frames`` raw frames plus three float32 images (about 260 MiB for 2048² uint16 with
 ``n_frames = 10``).
 
@@ -338,6 +340,7 @@ class _Ring:
         self.count = 0
         self.next = 0
         self.generation = 0
+        self.run = 0
 
     def add(self, image: np.ndarray, generation: int) -> None:
         self.images[self.next] = image
@@ -392,6 +395,7 @@ class References:
         self._entries: OrderedDict[RefKey, _Entry] = OrderedDict()
         self._retired: deque[ReferencePair] = deque(maxlen=self.RETIRED_PAIRS)
         self._generation = 0
+        self._lookups = 0
         self._last_id = 0
 
     def add(self, frame: Frame) -> None:
@@ -413,8 +417,10 @@ class References:
             self._evict_beyond_max()
         self._entries.move_to_end(key)
         ring = entry.rings.get(frame.kind)
-        if ring is None or ring.images.dtype != image.dtype:
+        if (ring is None or ring.images.dtype != image.dtype
+                or ring.run != self._lookups):  # data came in between: a new reference run
             ring = entry.rings[frame.kind] = _Ring(self.n_frames, image)
+            ring.run = self._lookups
         self._generation += 1
         ring.add(image, self._generation)
         self.counters["darks" if frame.kind == "dark" else "flats"] += 1
@@ -429,6 +435,7 @@ class References:
             What is missing, e.g. ``"no flat for energy 8000.0 eV, exposure 0.1 s, shape
             (512, 512)"``; None when ``pair`` is given.
         """
+        self._lookups += 1
         key = reference_key(frame)
         entry = self._entries.get(key)
         rings = entry.rings if entry is not None else {}

@@ -191,11 +191,11 @@ def test_references_are_keyed_by_energy_exposure_and_shape():
         None, "no flat for energy 9000.0 eV, exposure 0.1 s, shape (8, 6)")
 
 
-def test_references_ring_replaces_old_frames_and_bumps_id():
+def test_references_runs_replace_old_frames_and_bump_id():
     shape = (2, 2)
     refs = References(n_frames=2, min_denominator=1.0)
     data = make_frame("data", np.zeros(shape, np.uint16))
-    for value in (10, 20):
+    for value in (5, 10, 20):  # within one run: the ring keeps the last two
         refs.add(make_frame("dark", np.full(shape, value, np.uint16)))
     for value in (1000, 2000):
         refs.add(make_frame("flat", np.full(shape, value, np.uint16)))
@@ -204,14 +204,16 @@ def test_references_ring_replaces_old_frames_and_bumps_id():
     assert (first.n_dark, first.n_flat) == (2, 2)
     assert refs.lookup(data)[0] is first  # no update, no rebuild
     refs.add(make_frame("flat", np.full(shape, 4000, np.uint16)))
-    second, _ = refs.lookup(data)
-    assert second.id > first.id and (second.flat == 3000).all()  # mean of 2000 and 4000
+    second, _ = refs.lookup(data)  # a new run after data replaces the old flats at once
+    assert second.id > first.id and (second.flat == 4000).all() and second.n_flat == 1
+    assert (second.dark == 15).all()  # darks were not re-taken: kept
     refs.add(make_frame("flat", np.full(shape, 6000, np.uint16)))
+    refs.add(make_frame("flat", np.full(shape, 8000, np.uint16)))
     refs.add(make_frame("dark", np.full(shape, 30, np.uint16)))
-    third, _ = refs.lookup(data)  # two flats, one dark later: old flats fully replaced
+    third, _ = refs.lookup(data)
     assert third.id > second.id
-    assert (third.flat == 5000).all() and (third.dark == 25).all()
-    np.testing.assert_array_equal(third.gain, np.float32(1) / np.float32(4975))
+    assert (third.flat == 7000).all() and (third.dark == 30).all()
+    np.testing.assert_array_equal(third.gain, np.float32(1) / np.float32(6970))
     assert refs.counters["updates"] == 3
     assert refs.by_id(first.id) is first and refs.by_id(third.id) is third
     with pytest.raises(ValueError, match="read-only"):
