@@ -419,3 +419,12 @@ def test_bad_input_is_refused_with_a_clear_error(tmp_path):
         rec.submit("data", image, meta(0, flags="moving"))
     assert rec.counters["submitted"] == 0
     rec.close()
+
+
+def test_close_without_start_reports_the_frames_it_never_wrote(tmp_path):
+    rec = Recorder(tmp_path / "never.h5")
+    rec.submit("data", frame(0), meta(0))
+    with pytest.raises(RecorderError, match="before start") as info:
+        rec.close()
+    assert info.value.summary["unwritten"] == 1 and info.value.summary["backlog"] == 0
+    assert not (tmp_path / "never.h5").exists()
