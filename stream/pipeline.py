@@ -21,18 +21,20 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from stream.beam import bin_image
 from stream.correct import Corrector, Processed, References
 from stream.frame import Frame
-from stream.metrics import MetricsEngine
 from stream.publish import MESSAGE_VERSION, Publisher
 from stream.queues import BoundedQueue, Closed, LatestSlot
 from stream.recorder import Recorder
 from stream.source import Source
+
+if TYPE_CHECKING:
+    from stream.metrics import MetricsEngine
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +227,8 @@ class Pipeline:
                 if frame is None:
                     continue
                 frame.stamp("recv")
-                self._seq.see(frame)
+                if frame.kind != "end":
+                    self._seq.see(frame)
                 self.queue.put(frame, self._stop)
                 if frame.kind == "end":
                     break

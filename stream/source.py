@@ -7,6 +7,7 @@ A source is anything with ``recv(timeout_s) -> Frame | None``, a ``counters`` ma
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -14,7 +15,7 @@ from typing import Any, Protocol
 
 import zmq
 
-from stream.frame import Frame
+from stream.frame import Frame, end_frame
 from stream.wire import DEFAULT_MAX_PAYLOAD_BYTES, WireError, decode_message
 
 log = logging.getLogger(__name__)
@@ -110,11 +111,12 @@ class MemorySource:
 
     Items that are :class:`Frame` pass through; sequences of parts are decoded like messages
     from the wire, so malformed ones are counted exactly as :class:`ZmqSource` counts them.
+    With ``end=True`` an ``end`` frame follows the last item, as a replay sends one.
     """
 
     def __init__(self, items: Iterable[Frame | Sequence[Any]],
-                 max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES):
-        self._items = iter(items)
+                 max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES, end: bool = True):
+        self._items = itertools.chain(items, [end_frame(-1)] if end else [])
         self.max_payload_bytes = max_payload_bytes
         self.counters = _new_counters()
 

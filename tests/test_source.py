@@ -21,7 +21,7 @@ def _frame(seq: int, kind: str = "data") -> Frame:
 
 def test_memory_source_counts_bad_messages():
     items = [_frame(0), [b"junk"], encode(_frame(1)), [b"\x81\xa1v\x02", b""], _frame(2)]
-    src = MemorySource(items)
+    src = MemorySource(items, end=False)
     got = [src.recv(0.01) for _ in range(4)]
     assert [f.seq for f in got[:3]] == [0, 1, 2] and got[3] is None
     assert src.counters["received"] == 3
