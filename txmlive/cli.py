@@ -172,14 +172,27 @@ def cmd_replay(args: argparse.Namespace, config: Config) -> int:
 
     if args.fps is not None and args.realtime:
         raise UsageError("--fps and --realtime exclude each other")
-    try:
-        series = open_series(args.path)
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot read {args.path}: {exc}") from exc
-    print(f"replaying {args.path}: {len(series)} frames {series.counts} shape {series.shape} "
-          f"{series.dtype} → {args.bind or config.endpoints.frames}", file=sys.stderr)
-    summary = replay(series, args.bind or config.endpoints.frames, fps=args.fps,
-                     realtime=args.realtime, loop=args.loop, stop=_stop_on_signals())
+    if (args.path is None) == (args.synthetic is None):
+        raise UsageError("give either PATH or --synthetic SIZE")
+    bind = args.bind or config.endpoints.frames
+    if args.synthetic is not None:
+        from stream.synth import synthetic_frames
+
+        if args.loop or args.realtime:
+            raise UsageError("--synthetic streams --frames frames once at --fps; no --loop or "
+                             "--realtime")
+        series = synthetic_frames((args.synthetic, args.synthetic), args.frames, seed=args.seed)
+        print(f"sending {args.frames} synthesized {args.synthetic}x{args.synthetic} uint16 "
+              f"frames → {bind}", file=sys.stderr)
+    else:
+        try:
+            series = open_series(args.path)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"cannot read {args.path}: {exc}") from exc
+        print(f"replaying {args.path}: {len(series)} frames {series.counts} shape "
+              f"{series.shape} {series.dtype} → {bind}", file=sys.stderr)
+    summary = replay(series, bind, fps=args.fps, realtime=args.realtime, loop=args.loop,
+                     stop=_stop_on_signals())
     if args.json:
         _print_json(summary)
     else:
@@ -253,7 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON summary at exit")
 
     p = command("replay", cmd_replay, "stream a recorded series as frames")
-    p.add_argument("path", help="Data Exchange/NeXus HDF5, TIFF folder, .xrm/.txrm, .npy")
+    p.add_argument("path", nargs="?",
+                   help="Data Exchange/NeXus HDF5, TIFF folder or file, .xrm/.txrm, .npy")
+    p.add_argument("--synthetic", type=int, metavar="SIZE",
+                   help="instead of a file: synthesized SIZE x SIZE frames (5 darks, 5 flats)")
+    p.add_argument("--frames", type=int, default=1000, metavar="N",
+                   help="data frames to synthesize (with --synthetic)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (with --synthetic)")
     p.add_argument("--bind", metavar="URL", help="PUSH endpoint to bind")
     p.add_argument("--fps", type=float, help="send at this rate")
     p.add_argument("--realtime", action="store_true", help="send at the recorded rate")
