@@ -30,7 +30,7 @@ from stream.correct import Corrector, Processed, References
 from stream.frame import Frame
 from stream.publish import MESSAGE_VERSION, Publisher
 from stream.queues import BoundedQueue, Closed, LatestSlot
-from stream.recorder import Recorder
+from stream.recorder import Recorder, RecorderError
 from stream.source import Source
 
 if TYPE_CHECKING:
@@ -408,7 +408,11 @@ class Pipeline:
         self.publisher.close()
         summary = self.summary()
         if self.recorder is not None:
-            summary["recorder"] = self.recorder.close()
+            try:
+                summary["recorder"] = self.recorder.close()
+            except RecorderError as exc:  # report it with what was written, don't lose it
+                summary["recorder"] = exc.summary
+                summary["errors"].append(f"recorder: {exc}")
         return summary
 
     def summary(self) -> dict[str, Any]:
