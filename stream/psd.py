@@ -123,7 +123,8 @@ VERDICTS = ("resolved", "no_signal", "nyquist_limited")
 
 FAST = {"reassoc", "contract", "arcp", "nsz"}
 """numba fast-math flags for reductions: reordering so loops vectorise, but never assuming
-finite values (no ``nnan``/``ninf``), since the kernels test finiteness themselves."""
+finite values (no ``nnan``/``ninf``), since the kernels test finiteness themselves, always as
+``abs(v) < inf`` (a comparison; ``v − v == 0`` may be folded to true under ``reassoc``)."""
 
 
 @dataclass(frozen=True)
@@ -201,7 +202,7 @@ def _prepare(image, win_y, win_x, out):  # pragma: no cover - compiled
     symmetric window the normal equations of the plane decouple, so one pass of weighted sums
     gives its offset and both slopes. Returns ``(n_nonfinite, offset)``: ``offset`` is the
     ``w²``-weighted mean of the filled ROI, NaN when no pixel is finite. Inner loops are
-    branch-free (``v − v == 0`` tests finiteness) so they vectorise.
+    branch-free (``|v| < inf`` tests finiteness) so they vectorise.
     """
     h, w = image.shape
     xc = np.arange(w) - 0.5 * (w - 1)
@@ -227,7 +228,7 @@ def _prepare(image, win_y, win_x, out):  # pragma: no cover - compiled
         r_x = 0.0
         for x in range(w):
             v = np.float64(image[y, x])
-            ok = (v - v) == 0.0
+            ok = abs(v) < np.inf
             vz = v if ok else 0.0
             r_n += ok
             r_s += vz
@@ -238,7 +239,7 @@ def _prepare(image, win_y, win_x, out):  # pragma: no cover - compiled
             # Rare: weights of this row's non-finite pixels, which take the fill value later.
             for x in range(w):
                 v = np.float64(image[y, x])
-                if (v - v) != 0.0:
+                if not abs(v) < np.inf:
                     b0 += wy2 * wx2[x]
                     by += wy2 * yc * wx2[x]
                     bx += wy2 * wx2xc[x]
@@ -267,7 +268,7 @@ def _prepare(image, win_y, win_x, out):  # pragma: no cover - compiled
         base = m + a_y * (y - 0.5 * (h - 1))
         for x in range(w):
             v = np.float64(image[y, x])
-            vf = v if (v - v) == 0.0 else fill
+            vf = v if abs(v) < np.inf else fill
             out[y, x] = (vf - base - a_x * xc[x]) * wy * win_x[x]
     return h * w - n_finite, m
 
