@@ -289,6 +289,22 @@ def test_defocus_lowers_high_frequency_power_and_cutoff() -> None:
     assert ratios[8.0] < ratios[4.0] and cutoffs[8.0] < cutoffs[4.0]
 
 
+def test_condenser_fill_extends_the_transfer_beyond_the_coherent_cutoff() -> None:
+    sim = make_sim(256)
+    state = sim.default_state()
+    excess = []
+    for fraction in (0.0, 0.5, 1.0):  # σ = 0.2, 0.6, 1: cut-off 24, 32, 40 µm⁻¹
+        s = dataclasses.replace(state, shaker_amp_um=fraction * sim.params.fill_amp)
+        image, truth = sim.render(s, 0.0)
+        flat = sim.render(dataclasses.replace(s, frame_type="FlatField"), 0.0)[0]
+        freq, power = radial_power((image - 100.0) / (flat - 100.0), truth["pixel_nm"])
+        floor = np.median(power[(freq > 45) & (freq < 50)])
+        excess.append(power[(freq > 26) & (freq < 34)].mean() / floor)
+    assert excess[0] == pytest.approx(1.0, abs=0.1)  # nothing passes beyond 24 µm⁻¹
+    assert excess[0] < excess[1] < excess[2]
+    assert excess[2] > 1.4
+
+
 def test_weak_phase_fringes_grow_with_defocus() -> None:
     sim = make_sim(256, sample="weak_phase", flux_counts_per_s=3e6)
     state = sim.default_state()
@@ -378,7 +394,7 @@ def test_counts_scale_with_exposure_ring_current_and_pixel() -> None:
     sim = make_sim(32)
     state = sim.default_state()
     base = sim.render(state, 0.0)[1]["photons"]
-    assert base == pytest.approx(3.0e5 * 0.05)
+    assert base == pytest.approx(sim.params.flux_counts_per_s * 0.05)
     assert sim.render(dataclasses.replace(state, exposure_s=0.1), 0.0)[1]["photons"] == \
         pytest.approx(2 * base)
     assert sim.render(dataclasses.replace(state, ring_current_ma=100.0), 0.0)[1]["photons"] == \

@@ -241,7 +241,7 @@ def _readonly(a: np.ndarray) -> np.ndarray:
     return a
 
 
-@lru_cache(maxsize=8)
+@lru_cache(maxsize=4)
 def render_sample(name: str, size_px: int, pixel_nm: float, field_um: float) -> SampleMaps:
     """Draw a sample on an ``size_px × size_px`` canvas of ``pixel_nm`` pixels.
 
