@@ -18,6 +18,8 @@ import concurrent.futures
 import gc
 import logging
 import os
+import random
+import socket
 import threading
 from collections.abc import Awaitable, Iterable, Mapping
 from typing import Any
@@ -37,6 +39,29 @@ def _check_port(port: int) -> int:
     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
         raise ValueError(f"CA port must be an int in 1..65535, got {port!r}")
     return port
+
+
+def free_ca_port(low: int = 20000, high: int = 32767, seed: int | None = None) -> int:
+    """A loopback port free for both UDP and TCP, for a CA server (tests, the demo).
+
+    A CA server needs the UDP port (searches) as much as the TCP one, and CA clients hold
+    ephemeral UDP ports, so a TCP-only check is not enough. Ports are drawn below the usual
+    ephemeral range (32768+) so that no client socket grabs one between this check and the
+    server's bind.
+    """
+    rng = random.Random(seed)
+    candidates = list(range(low, high + 1))
+    rng.shuffle(candidates)
+    for port in candidates[:200]:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp, \
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            try:
+                tcp.bind((LOOPBACK, port))
+                udp.bind((LOOPBACK, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no port free for both UDP and TCP in {low}..{high}")
 
 
 def ca_client_env(ports: Iterable[int], host: str = LOOPBACK) -> dict[str, str]:

@@ -174,6 +174,12 @@ class MotorRecord(PVGroup):
             return self._traj.position(t)
 
     @property
+    def trajectory(self) -> Trajectory:
+        """The present (or last) commanded motion; positions follow it exactly."""
+        with self._lock:
+            return self._traj
+
+    @property
     def moving(self) -> bool:
         """True from a move's start until ``.DMOV`` returns to 1."""
         with self._lock:
@@ -403,7 +409,7 @@ class MotorRecord(PVGroup):
             raise ValueError(f"{group.prefix}.VELO must be > 0, got {value}")
         group.velocity = float(value)
         if group.moving:  # a real record applies a new speed to the move under way
-            group._start_move(group._traj.target)
+            group._start_move(group.trajectory.target)
         return value
 
     @motor.fields.user_high_limit.putter

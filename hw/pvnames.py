@@ -29,10 +29,15 @@ MOTOR_ROLES: dict[str, str] = {
     "energy_ev": "ENERGY",
     "shaker_amp_um": "SHAKER:AMP",
     "shaker_freq_hz": "SHAKER:FREQ",
-    "beam_x_um": "BEAM:X",
-    "beam_y_um": "BEAM:Y",
+    "beam_x": "BEAM:X",
+    "beam_y": "BEAM:Y",
 }
-"""Default role → motor record name under the prefix (the simulator's names)."""
+"""Default role → motor record name under the prefix (the simulator's names).
+
+The steering roles ``beam_x``/``beam_y`` carry no unit in their name: a beamline steers with
+whatever it has (a condenser translation in µm, a mirror pitch in µrad); the unit is the
+record's ``.EGU``.
+"""
 
 MOTOR_UNITS: dict[str, str] = {
     "zp_z_um": "um",
@@ -44,8 +49,8 @@ MOTOR_UNITS: dict[str, str] = {
     "energy_ev": "eV",
     "shaker_amp_um": "um",
     "shaker_freq_hz": "Hz",
-    "beam_x_um": "um",
-    "beam_y_um": "um",
+    "beam_x": "um",
+    "beam_y": "um",
 }
 """Engineering units (``.EGU``) of each role; ASCII because EGU is a CA string."""
 
@@ -59,8 +64,8 @@ BL18B_EXAMPLE_MOTORS: dict[str, str] = {
     "energy_ev": "BL18B:DCM:Energy",
     "shaker_amp_um": "BL18B:TXM:SHK:Amp",
     "shaker_freq_hz": "BL18B:TXM:SHK:Freq",
-    "beam_x_um": "BL18B:TXM:CND:m1",
-    "beam_y_um": "BL18B:TXM:CND:m2",
+    "beam_x": "BL18B:TXM:CND:m1",
+    "beam_y": "BL18B:TXM:CND:m2",
 }
 """An illustrative BL18B-style role map (full record names, used with an empty prefix).
 

@@ -11,10 +11,9 @@ import epics
 import pytest
 
 from hw.actuators import Actuator, EpicsMotor, FakeActuator, LimitError
-from hw.epics_env import CaServerThread, configure_ca_client
+from hw.epics_env import CaServerThread, configure_ca_client, free_ca_port
 from hw.motor_record import MotorRecord, Trajectory
 from hw.sim.ioc import SimIOC, SimIOCConfig, default_motors
-from txmlive.ports import free_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -40,7 +39,7 @@ def record():
     name = _prefix() + "M1"
     rec = MotorRecord(name, velocity=VELOCITY, low_limit=-100.0, high_limit=100.0,
                       initial=0.0, egu="um", desc="test motor")
-    port = free_port()
+    port = free_ca_port()
     server = CaServerThread(rec.pvdb, port)
     server.start()
     assert rec.initialized.wait(5)
@@ -193,6 +192,36 @@ def test_relative_and_tweak_moves(record):
     assert _uncached(record.prefix + ".RLV") == 0.0
 
 
+def test_spmg_pause_holds_the_target_and_go_resumes(record):
+    m = epics.Motor(record.prefix)
+    m.move(30.0, wait=False)
+    assert _wait_for(lambda: record.position() > 2.0)
+    m.put("SPMG", "Pause", wait=True)
+    assert _wait_for(lambda: not record.moving, timeout=2)
+    paused_at = record.position()
+    assert 2.0 < paused_at < 30.0
+    assert _uncached(record.prefix + ".VAL") == 30.0  # Pause keeps the target
+    m.put("SPMG", "Go", wait=True)
+    assert _wait_for(lambda: record.position() == 30.0 and not record.moving)
+    m.put("SPMG", "Stop", wait=True)
+    assert epics.caput(record.prefix + ".VAL", 0.0, wait=True, timeout=5) == 1
+    assert record.position() == 30.0  # stored, not moved, while stopped
+    m.put("SPMG", "Go", wait=True)
+    assert _wait_for(lambda: record.position() == 0.0 and not record.moving)
+
+
+def test_velocity_change_applies_to_the_move_under_way(record):
+    m = epics.Motor(record.prefix)
+    m.move(60.0, wait=False)
+    assert _wait_for(lambda: record.position() > 1.0)
+    m.put("VELO", 500.0, wait=True)
+    traj = record.trajectory
+    assert traj.velocity == 500.0 and traj.target == 60.0 and traj.start > 1.0
+    assert _wait_for(lambda: record.position() == 60.0 and not record.moving)
+    epics.caput(record.prefix + ".VELO", -1.0, wait=True, timeout=5)
+    assert _uncached(record.prefix + ".VELO") == 500.0  # a speed <= 0 is refused
+
+
 def test_limits_can_be_changed_by_a_client(record):
     m = epics.Motor(record.prefix)
     m.put("HLM", 20.0, wait=True)
@@ -255,7 +284,7 @@ def test_fake_actuator_moves_on_its_clock_and_refuses_out_of_limits():
 
 
 def test_configure_ca_client_refuses_to_silently_keep_a_stale_context(record):
-    port = free_port()
+    port = free_ca_port()
     with pytest.raises(RuntimeError, match="before the first pyepics call"):
         configure_ca_client([port])
 
@@ -265,11 +294,20 @@ def test_configure_ca_client_refuses_to_silently_keep_a_stale_context(record):
 @pytest.fixture
 def ioc():
     motors = default_motors(zp_z_nominal_um=1000.0)
-    sim = SimIOC(SimIOCConfig(motors=motors), prefix=_prefix(), port=free_port())
+    sim = SimIOC(SimIOCConfig(motors=motors), prefix=_prefix(), port=free_ca_port())
     sim.start()
     configure_ca_client([sim.port], reset=True)
     yield sim
     sim.stop()
+
+
+def test_default_motors_take_start_positions_within_limits():
+    motors = default_motors(initial={"shaker_amp_um": 12.5, "beam_x": -3.0})
+    assert motors["shaker_amp_um"].initial == 12.5 and motors["beam_x"].initial == -3.0
+    with pytest.raises(ValueError, match="outside"):
+        default_motors(initial={"zp_z_um": 500.0})
+    with pytest.raises(KeyError, match="unknown motor role"):
+        default_motors(initial={"zp_q_um": 0.0})
 
 
 def test_sim_ioc_serves_motor_records_and_beamline_pvs(ioc):
@@ -297,22 +335,22 @@ def test_sim_ioc_snapshot_follows_client_puts(ioc):
     assert epics.caput(ioc.prefix + "RING:CURRENT", 0.0, wait=True) == 1
     snap = ioc.snapshot()
     assert not snap["shutter_open"] and snap["frame_type"] == "FlatField"
-    assert snap["acquire_time_s"] == 0.2 and snap["ring_current_ma"] == 0.0
+    assert snap["exposure_s"] == 0.2 and snap["ring_current_ma"] == 0.0
 
 
 def test_sim_ioc_reports_motion_during_an_exposure(ioc):
     t_before = time.monotonic()
     time.sleep(0.01)
     t0 = time.monotonic()
-    epics.Motor(ioc.motor_pvs["beam_x_um"]).move(5.0, wait=True)
+    epics.Motor(ioc.motor_pvs["beam_x"]).move(5.0, wait=True)
     t1 = time.monotonic()
     time.sleep(0.01)
     assert ioc.moved_between(t0, t1)
-    assert ioc.moved_between(t0, t1, roles=["beam_x_um"])
+    assert ioc.moved_between(t0, t1, roles=["beam_x"])
     assert not ioc.moved_between(t0, t1, roles=["zp_z_um", "energy_ev"])
     assert not ioc.moved_between(t_before, t_before + 0.005)
     assert not ioc.moved_between(time.monotonic() - 0.005, time.monotonic())
-    assert ioc.snapshot()["positions"]["beam_x_um"] == 5.0
+    assert ioc.snapshot()["positions"]["beam_x"] == 5.0
     with pytest.raises(KeyError, match="unknown motor roles"):
         ioc.moved_between(t0, t1, roles=["nope"])
 

@@ -12,9 +12,8 @@ import uuid
 import epics
 import pytest
 
-from hw.epics_env import configure_ca_client
+from hw.epics_env import configure_ca_client, free_ca_port
 from hw.pvserver import PvCommand, PvServer, result_values, status_values
-from txmlive.ports import free_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -44,7 +43,7 @@ def _wait_for(predicate, timeout: float = 5.0) -> bool:
 
 @pytest.fixture
 def server():
-    srv = PvServer(f"T{uuid.uuid4().hex[:8]}:LIVE:", free_port(), max_rate_hz=50.0,
+    srv = PvServer(f"T{uuid.uuid4().hex[:8]}:LIVE:", free_ca_port(), max_rate_hz=50.0,
                    command_queue_size=4)
     srv.start()
     configure_ca_client([srv.port], reset=True)

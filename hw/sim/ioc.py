@@ -26,7 +26,7 @@ import math
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from caproto import ChannelType
@@ -37,10 +37,8 @@ from hw.epics_env import LOOPBACK, CaServerThread
 from hw.motor_record import MotorRecord
 
 FRAME_TYPES = ("Normal", "Background", "FlatField")
-"""areaDetector ``FrameType`` choices the simulated camera offers."""
-
-FRAME_KINDS = {"Normal": "data", "Background": "dark", "FlatField": "flat"}
-"""``CAM:FrameType`` → wire-protocol frame kind."""
+"""areaDetector ``FrameType`` choices of ``CAM:FrameType`` (their meaning for a frame's kind
+lives with the detector model, :mod:`hw.sim.detector`)."""
 
 
 @dataclass(frozen=True)
@@ -56,24 +54,39 @@ class MotorConfig:
 
 
 def default_motors(zp_z_nominal_um: float = 0.0, zp_z_range_um: float = 200.0,
-                   energy_ev: float = 8000.0) -> dict[str, MotorConfig]:
+                   energy_ev: float = 8000.0,
+                   initial: Mapping[str, float] | None = None) -> dict[str, MotorConfig]:
     """Default motors of the simulated TXM, role → :class:`MotorConfig`.
 
     Parameters
     ----------
     zp_z_nominal_um : float
-        Nominal zone-plate z (start position, centre of its travel), µm. The optics model
-        decides what ZP z means physically; pass its in-focus position here.
+        Nominal zone-plate z (start position, centre of its travel), µm; the detector model
+        puts the in-focus position at the reference energy at 0.
     zp_z_range_um : float
         Half travel of ZP z around the nominal, µm.
     energy_ev : float
         Start energy, eV (5000–14000).
+    initial : mapping of str to float, optional
+        Start positions that override the defaults, role → position (e.g. from the detector
+        model's default state); each must lie within its motor's limits.
     """
     if not zp_z_range_um > 0:
         raise ValueError(f"zp_z_range_um must be > 0, got {zp_z_range_um}")
     if not 5000.0 <= energy_ev <= 14000.0:
         raise ValueError(f"energy_ev must be in 5000..14000 eV, got {energy_ev}")
-    z0 = zp_z_nominal_um
+    motors = _default_motors(zp_z_nominal_um, zp_z_range_um, energy_ev)
+    for role, position in (initial or {}).items():
+        if role not in motors:
+            raise KeyError(f"initial: unknown motor role {role!r}; known: {sorted(motors)}")
+        m = motors[role]
+        if not m.low <= position <= m.high:
+            raise ValueError(f"initial {role} = {position} is outside [{m.low}, {m.high}]")
+        motors[role] = replace(m, initial=float(position))
+    return motors
+
+
+def _default_motors(z0: float, zp_z_range_um: float, energy_ev: float) -> dict[str, MotorConfig]:
     return {
         "zp_z_um": MotorConfig(z0 - zp_z_range_um, z0 + zp_z_range_um, 50.0, z0,
                                "zone plate z (focus)"),
@@ -83,10 +96,10 @@ def default_motors(zp_z_nominal_um: float = 0.0, zp_z_range_um: float = 200.0,
         "sample_y_um": MotorConfig(-10000.0, 10000.0, 1000.0, 0.0, "sample y"),
         "sample_theta_deg": MotorConfig(-180.0, 180.0, 30.0, 0.0, "sample rotation"),
         "energy_ev": MotorConfig(5000.0, 14000.0, 2000.0, energy_ev, "photon energy", 1),
-        "shaker_amp_um": MotorConfig(0.0, 100.0, 100.0, 20.0, "condenser shaker amplitude"),
+        "shaker_amp_um": MotorConfig(0.0, 100.0, 100.0, 10.0, "condenser shaker amplitude"),
         "shaker_freq_hz": MotorConfig(1.0, 500.0, 500.0, 40.0, "condenser shaker frequency"),
-        "beam_x_um": MotorConfig(-1000.0, 1000.0, 100.0, 0.0, "beam steering x"),
-        "beam_y_um": MotorConfig(-1000.0, 1000.0, 100.0, 0.0, "beam steering y"),
+        "beam_x": MotorConfig(-1000.0, 1000.0, 100.0, 0.0, "beam steering x"),
+        "beam_y": MotorConfig(-1000.0, 1000.0, 100.0, 0.0, "beam steering y"),
     }
 
 
@@ -100,7 +113,7 @@ class SimIOCConfig:
         Role → motor; every role needs a name in the IOC's role map.
     acquire : bool
         ``CAM:Acquire`` at start-up (True: the camera is acquiring).
-    acquire_time_s : float
+    exposure_s : float
         ``CAM:AcquireTime``, s.
     frame_type : str
         ``CAM:FrameType``, one of :data:`FRAME_TYPES`.
@@ -114,15 +127,15 @@ class SimIOCConfig:
 
     motors: Mapping[str, MotorConfig] = field(default_factory=default_motors)
     acquire: bool = True
-    acquire_time_s: float = 0.05
+    exposure_s: float = 0.05
     frame_type: str = "Normal"
     shutter_open: bool = True
     ring_current_ma: float = 200.0
     tick_s: float = 0.02
 
     def __post_init__(self) -> None:
-        if not self.acquire_time_s > 0:
-            raise ValueError(f"acquire_time_s must be > 0, got {self.acquire_time_s}")
+        if not self.exposure_s > 0:
+            raise ValueError(f"exposure_s must be > 0, got {self.exposure_s}")
         if self.frame_type not in FRAME_TYPES:
             raise ValueError(f"frame_type {self.frame_type!r} is not one of {FRAME_TYPES}")
         if not self.ring_current_ma >= 0:
@@ -172,7 +185,7 @@ class BeamlinePVs(PVGroup):
         self._lock = threading.Lock()
         self._state: dict[str, Any] = {
             "acquire": config.acquire,
-            "acquire_time_s": config.acquire_time_s,
+            "exposure_s": config.exposure_s,
             "frame_type": config.frame_type,
             "shutter_open": config.shutter_open,
             "ring_current_ma": config.ring_current_ma,
@@ -192,7 +205,7 @@ class BeamlinePVs(PVGroup):
     async def acquire(self, instance: Any, async_lib: Any) -> None:
         c = self.config
         await self.acquire.write("Acquire" if c.acquire else "Done")
-        await self.acquire_time.write(c.acquire_time_s)
+        await self.acquire_time.write(c.exposure_s)
         await self.frame_type.write(c.frame_type)
         await self.shutter.write("Open" if c.shutter_open else "Closed")
         await self.ring_current.write(c.ring_current_ma)
@@ -207,7 +220,7 @@ class BeamlinePVs(PVGroup):
     async def acquire_time(self, instance: Any, value: float) -> float:
         if not value > 0 or not math.isfinite(value):
             raise ValueError(f"{instance.pvname}: exposure must be > 0 s, got {value}")
-        self._mirror("acquire_time_s", float(value))
+        self._mirror("exposure_s", float(value))
         return value
 
     @frame_type.putter
@@ -314,8 +327,10 @@ class SimIOC:
         dict
             ``t_monotonic`` (s), ``positions`` (role → position, e.g. ``zp_z_um``: use as a
             frame's ``positions``), ``moving`` (role → bool), ``acquire`` (bool),
-            ``acquire_time_s``, ``frame_type`` (``Normal``/``Background``/``FlatField``),
-            ``shutter_open`` (bool), ``ring_current_ma``.
+            ``exposure_s`` (``CAM:AcquireTime``), ``frame_type``
+            (``Normal``/``Background``/``FlatField``), ``shutter_open`` (bool),
+            ``ring_current_ma``. The positions and the last four are the fields of
+            :class:`hw.sim.detector.BeamlineState` of the same names.
         """
         t = time.monotonic()
         out: dict[str, Any] = {
