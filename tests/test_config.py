@@ -67,3 +67,13 @@ def test_cli_config_default_and_bad_config(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "txmlive.cli", "config", "--config", str(bad)],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "[ingest] rcvhwm" in proc.stderr
+
+
+def test_metrics_section_lists(tmp_path):
+    path = tmp_path / "m.toml"
+    path.write_text("[metrics]\nroi = [0, 0, 256, 256]\nband_per_um = [2, 8]\n")
+    c = load_config(path)
+    assert c.metrics.roi == [0, 0, 256, 256] and c.metrics.band_per_um == [2.0, 8.0]
+    path.write_text('[metrics]\nroi = [0, "a"]\n')
+    with pytest.raises(ConfigError, match=r"\[metrics\] roi: expected a list of int"):
+        load_config(path)

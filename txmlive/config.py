@@ -76,6 +76,23 @@ class Averaging:
 
 
 @dataclass
+class Metrics:
+    """On-the-fly metrics (PSD resolution, focus scores, beam, vibration)."""
+
+    roi: list[int] = _opt([], "metrics ROI [row, col, height, width] in full-frame px; [] = "
+                              "the central 512 x 512")
+    pixel_nm: float = _opt(10.0, "pixel size at the sample, nm, when a frame has no "
+                                 "attrs.pixel_nm", min_value=0)
+    dr_nm: float = _opt(0.0, "zone-plate outermost zone width, nm, for the NA-fill estimate "
+                             "(0 = not reported)", min_value=0)
+    band_per_um: list[float] = _opt([5.0, 15.0], "[lo, hi] band of the PSD band power, 1/um")
+    threshold: float = _opt(2.0, "PSD cut-off where the smoothed PSD falls to threshold x the "
+                                 "noise floor", min_value=1)
+    bin_factor: int = _opt(8, "binning of the full frame for centroid and uniformity",
+                           min_value=1)
+
+
+@dataclass
 class Preview:
     """The keep-latest preview stream for viewers."""
 
@@ -118,6 +135,7 @@ class Config:
     ingest: Ingest = field(default_factory=Ingest)
     correction: Correction = field(default_factory=Correction)
     averaging: Averaging = field(default_factory=Averaging)
+    metrics: Metrics = field(default_factory=Metrics)
     preview: Preview = field(default_factory=Preview)
     recorder: Recorder = field(default_factory=Recorder)
     status: Status = field(default_factory=Status)
@@ -128,6 +146,15 @@ def _check_value(section: str, f: dataclasses.Field, typ: Any, value: Any) -> An
     where = f"[{section}] {f.name}"
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    origin = getattr(typ, "__origin__", None)
+    if origin is list:
+        (item,) = typ.__args__
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        value = [float(v) if item is float and isinstance(v, int) and not isinstance(v, bool)
+                 else v for v in value]
+        if not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"{where}: expected a list of {item.__name__}, got {value!r}")
     if typ in (int, float, str, bool):
         if not isinstance(value, typ) or (typ is not bool and isinstance(value, bool)):
             raise ConfigError(f"{where}: expected {typ.__name__}, got {value!r}")
@@ -135,7 +162,7 @@ def _check_value(section: str, f: dataclasses.Field, typ: Any, value: Any) -> An
     if choices and value not in choices:
         raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}")
     low = f.metadata.get("min")
-    if low is not None and value < low:
+    if low is not None and not isinstance(value, list) and value < low:
         raise ConfigError(f"{where}: {value!r} is below the minimum {low}")
     return value
 
