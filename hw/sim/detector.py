@@ -5,6 +5,13 @@ motor/beam state (:class:`BeamlineState`) at a time ``t_s``:
 ``Simulator(params).render(state, t_s) -> (image uint16 (N, N), truth dict)``. The simulated
 IOC sets the state from its motor records; nothing here does I/O.
 
+Scale: a detector of N pixels sees a scaled-down beamline. The spot (FWHM 0.7×), the shaker
+amplitude of full fill (0.5×) and the sample layout (:mod:`hw.sim.samples`) default to
+fractions of the reference field (N × 9.94 nm, 20.4 µm at N = 2048), so every N shows the
+same picture; the physical lengths that set resolution (zone plate, finest sample features,
+defocus) do not scale. Start from :meth:`Simulator.default_state`, whose shaker amplitude
+fills the ZP for this N (``BeamlineState()``'s 10.18 µm is right for N = 2048 only).
+
 Image formation (per frame)
 ---------------------------
 1. **Optics** (:mod:`hw.sim.optics`): the energy and the objective of the mode give the pixel
@@ -19,13 +26,13 @@ Image formation (per frame)
    sample's origin) is cached per optical state, so nothing is recomputed while the optics do
    not change.
 3. **Position**: the sample stage moves the sample in the field (µm → px); a lateral ZP move
-   shifts the whole image by ``d·(1 + 1/M)`` at the sample; vibration adds a random shift per
-   frame (RMS per axis) plus an optional sinusoid along x. Sub-pixel parts of the stage/ZP
-   shift enter the cached canvas as an exact Fourier phase ramp (quantised to 1/32 px); the
-   per-frame vibration is applied with bilinear interpolation, whose ≤ 1 px smoothing stands
-   for the motion blur within the exposure. Parts of the field beyond the canvas are empty
-   (transmission 1). ``sample_theta_deg`` is recorded but ignored: samples are 2-D
-   projections.
+   shifts the whole image, spot included, by ``d·(1 + 1/M)`` at the sample; vibration adds a
+   random shift of the sample per frame (RMS per axis) plus an optional sinusoid along x.
+   Sub-pixel parts of the stage/ZP shift enter the cached canvas as an exact Fourier phase
+   ramp (quantised to 1/32 px); the per-frame vibration is applied with bilinear
+   interpolation, whose ≤ 1 px smoothing stands for the motion blur within the exposure.
+   Parts of the field beyond the canvas are empty (transmission 1). ``sample_theta_deg`` is
+   recorded but ignored: samples are 2-D projections.
 4. **Illumination**: the condenser spot — a Gaussian of FWHM ``spot_fwhm_um`` modulated by a
    smooth random structure of relative RMS ``spot_structure`` (capillary figure errors; it
    moves with the spot) — is scanned by the shaker along a circle of radius ``A`` at
@@ -36,7 +43,8 @@ Image formation (per frame)
    field, about 4× dimmer at the peak; larger ``A``: a ring with a dim centre. The fill of
    the ZP aperture is ``σ = σ₀ + (1 − σ₀)·min(1, A/A_fill)·min(1, P)`` with
    ``σ₀ = fill_static`` (unscanned condenser). The averaged spot lives on a coarse grid
-   (257², 4 fields wide, in px relative to the spot centre) and is interpolated per pixel.
+   (257², 4 fields wide, in px relative to the spot centre) and is interpolated per pixel;
+   scan positions beyond it (``A`` > 2 field widths) lose their light.
 5. **Beam position**: the spot centre drifts linearly (``drift_px_per_s`` along
    ``drift_angle_deg``), jumps by ``jump_px`` in a random direction at Poisson-distributed
    times (mean interval ``jump_interval_s``, as after a top-up injection), and is steered by
@@ -46,13 +54,13 @@ Image formation (per frame)
    beam path is a pure function of time and seed (jumps are drawn once, lazily).
 6. **Detector**: expected counts = ``photons × illumination × transmission`` with
    ``photons = flux_counts_per_s × τ × I_ring/I_ref × (pixel/pixel_ref)²`` (flux per unit area
-   at the sample), 0 when the shutter is closed, the ring current is 0 or the frame type is
-   Background. Noise: Poisson, drawn as a Gaussian of variance ``mean + read²`` from 20
-   counts up and exactly (Knuth) with separate Gaussian read noise below; plus the dark offset;
-   rounded and clipped to [0, 65535]. Gaussian numbers come from a counter-based splitmix64
-   generator through a 65536-entry inverse-CDF table (four per 64-bit word; tails cut at
-   ±4.3σ), seeded per frame from the simulator's seeded generator, so renders are
-   reproducible and fast.
+   at the sample; one count per photon), 0 when the shutter is closed, the ring current is 0
+   or the frame type is Background. Noise: Poisson, drawn as a Gaussian of variance
+   ``mean + read²`` from 20 counts up and exactly (Knuth) with separate Gaussian read noise
+   below; plus the dark offset; rounded and clipped to [0, 65535]. Gaussian numbers come from
+   a counter-based splitmix64 generator through a 65536-entry inverse-CDF table (four per
+   64-bit word; tails cut at ±4.3σ), seeded per frame from the simulator's seeded generator,
+   so renders are reproducible and fast.
 
 Frame types follow areaDetector's ``FrameType``: ``Normal`` → ``data``, ``Background`` →
 ``dark`` (the simulated camera closes the shutter), ``FlatField`` → ``flat`` (the sample is
@@ -1089,7 +1097,7 @@ class Simulator:
         in_view = self._sample_in_view(state, g, static)
         transmission = None
         shift = (0.0, 0.0)
-        if in_view and kind != "flat":
+        if in_view and kind != "flat" and photons > 0:  # no light: the sample is moot
             frac = tuple(
                 round((s - math.floor(s)) / SHIFT_QUANTUM_PX) * SHIFT_QUANTUM_PX
                 for s in static)
