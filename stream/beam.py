@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-from stream.psd import FAST
+from stream.psd import FAST, kernel_array
 
 
 @dataclass(frozen=True)
@@ -220,7 +220,7 @@ def bin_image_and_totals(image: np.ndarray, factor: int,
     elif out.shape != shape or out.dtype.kind != "f" or not out.flags.writeable:
         raise ValueError(f"out must be a writeable float array of shape {shape}, got "
                          f"{out.dtype} {out.shape}")
-    total, n = _bin_mean(arr, factor, out)
+    total, n = _bin_mean(kernel_array(arr), factor, out)
     return out, float(total), int(n)
 
 
@@ -274,7 +274,7 @@ def beam_stats(image: np.ndarray, pixel_nm: float | None = None, *,
     arr = _check_image(image)
     if pixel_nm is not None and not (np.isfinite(pixel_nm) and pixel_nm > 0):
         raise ValueError(f"pixel_nm must be a positive number or None, got {pixel_nm}")
-    sy, sx, sw, sv, n = _weighted_centroid(arr, float(background))
+    sy, sx, sw, sv, n = _weighted_centroid(kernel_array(arr), float(background))
     cy = sy / sw if sw > 0 else math.nan
     cx = sx / sw if sw > 0 else math.nan
     cy_um = cx_um = None
@@ -321,7 +321,7 @@ def smooth_nan(image: np.ndarray, sigma_px: float) -> np.ndarray:
     if not (np.isfinite(sigma_px) and sigma_px > 0):
         raise ValueError(f"sigma_px must be positive, got {sigma_px}")
     out = np.empty(arr.shape)
-    _smooth_nan(np.ascontiguousarray(arr), gaussian_kernel(float(sigma_px)), out)
+    _smooth_nan(kernel_array(arr), gaussian_kernel(float(sigma_px)), out)
     return out
 
 

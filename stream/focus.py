@@ -35,7 +35,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from stream.psd import FAST
+from stream.psd import FAST, kernel_array
 
 
 @njit(nogil=True, cache=True, fastmath=FAST)
@@ -172,8 +172,7 @@ def _as_image(image: np.ndarray) -> np.ndarray:
         raise TypeError(f"image must have an integer or float dtype, got {arr.dtype}")
     if arr.size == 0:
         raise ValueError("image is empty")
-    # numba vectorises only C-contiguous arrays (a ROI view of a frame is not one).
-    return np.ascontiguousarray(arr)
+    return kernel_array(arr)
 
 
 def normalized_variance(image: np.ndarray) -> float:

@@ -158,10 +158,11 @@ def _num(value: float | None) -> float | None:
 class MetricsEngine:
     """Configure once, then compute the named metrics per frame.
 
-    ``cheap`` keeps state (the previous ROI's spectrum and the jitter track), so it is meant
-    for the stream of frames in order; ``expensive`` is stateless apart from cached geometry.
-    Each method holds its own lock, so ``cheap`` on the processing thread and ``expensive`` on
-    a side thread run concurrently (numba kernels and FFTs release the GIL).
+    ``cheap`` keeps state (the previous ROI's spectrum, the jitter track, a binning buffer),
+    guarded by its own lock, so it is meant for the stream of frames in order; ``expensive``
+    shares nothing but cached read-only geometry. ``cheap`` on the processing thread and
+    ``expensive`` on a side thread therefore run concurrently (the numba kernels and FFTs
+    release the GIL).
 
     Parameters
     ----------
@@ -190,13 +191,16 @@ class MetricsEngine:
                 pixel_nm: float | None = None) -> None:
         """Compile every kernel for frames of ``shape`` and ``dtypes``, then :meth:`reset`.
 
-        Call once at start-up so the first real frame is not slow.
+        Call once at start-up so the first real frame is not slow. Frames are run writeable and
+        read-only (as decoded zero-copy from the wire), which numba compiles separately.
         """
         rng = np.random.default_rng(0)
         for dtype in dtypes:
             frame = rng.poisson(100.0, size=shape).astype(dtype)
-            self.compute_all(frame, pixel_nm)
-            self.cheap(frame, pixel_nm)
+            for writeable in (True, False):
+                frame.setflags(write=writeable)
+                self.compute_all(frame, pixel_nm)
+                self.cheap(frame, pixel_nm)
         self.reset()
 
     def _pixel_nm(self, pixel_nm: float | None) -> float:

@@ -126,6 +126,22 @@ FAST = {"reassoc", "contract", "arcp", "nsz"}
 finite values (no ``nnan``/``ninf``), since the kernels test finiteness themselves, always as
 ``abs(v) < inf`` (a comparison; ``v − v == 0`` may be folded to true under ``reassoc``)."""
 
+KERNEL_DTYPES = (np.dtype(np.uint16), np.dtype(np.float32), np.dtype(np.float64))
+"""Pixel types the numba kernels are compiled for: raw detector frames, corrected frames, and
+float64 for everything else."""
+
+
+def kernel_array(arr: np.ndarray, fallback: type = np.float64) -> np.ndarray:
+    """``arr`` as a C-contiguous array of a :data:`KERNEL_DTYPES` type (``fallback`` otherwise).
+
+    numba vectorises only C-contiguous arrays (a ROI view of a frame is not one, and one copy
+    is cheaper than a strided kernel), and compiles one specialisation per dtype, layout and
+    writeability: funnelling every input into a few types keeps first-call compilation short.
+    Read-only inputs (frames decoded zero-copy from the wire) are passed through as they are.
+    """
+    dtype = arr.dtype if arr.dtype in KERNEL_DTYPES else fallback
+    return np.ascontiguousarray(arr, dtype=dtype)
+
 
 @dataclass(frozen=True)
 class PsdResult:
@@ -201,8 +217,8 @@ def _prepare(image, win_y, win_x, out):  # pragma: no cover - compiled
     Non-finite pixels take the plain mean of the finite ones. With centred coordinates and a
     symmetric window the normal equations of the plane decouple, so one pass of weighted sums
     gives its offset and both slopes. Returns ``(n_nonfinite, offset)``: ``offset`` is the
-    ``w²``-weighted mean of the filled ROI, NaN when no pixel is finite. Inner loops are
-    branch-free (``|v| < inf`` tests finiteness) so they vectorise.
+    ``w²``-weighted mean of the filled ROI; with no finite pixel it is NaN and ``out`` is 0.
+    The per-pixel loops are branch-free (``|v| < inf`` tests finiteness) so they vectorise.
     """
     h, w = image.shape
     xc = np.arange(w) - 0.5 * (w - 1)
@@ -248,6 +264,7 @@ def _prepare(image, win_y, win_x, out):  # pragma: no cover - compiled
         vy += wy2 * yc * r_0
         vx += wy2 * r_x
     if n_finite == 0:
+        out[:] = 0.0
         return h * w, np.nan
     s0 = 0.0
     syy = 0.0
@@ -449,9 +466,11 @@ class WindowedSpectrum:
         if arr.shape != self.shape:
             raise ValueError(f"image shape {arr.shape} does not match the configured "
                              f"{self.shape}")
-        # numba vectorises only C-contiguous arrays; a ROI view of a frame is not one, and one
-        # copy is cheaper than the strided kernel.
-        arr = np.ascontiguousarray(arr)
+        # Anything but raw uint16 becomes float32 (the transform is float32 anyway), so
+        # _prepare is compiled for two pixel types only; see kernel_array for the contiguity.
+        arr = kernel_array(arr, np.float32)
+        if arr.dtype == np.float64:
+            arr = arr.astype(np.float32)
         buf = np.empty(self.shape, dtype=np.float32)
         n_bad, mean = _prepare(arr, self.win_y, self.win_x, buf)
         spec = scipy.fft.rfft2(buf, workers=1, overwrite_x=True)
@@ -507,8 +526,7 @@ class RadialPsd:
         self.wedge_deg = float(wedge_deg)
         self._geo = _geometry(shape, self.pixel_nm, self.wedge_deg)
         self._windowed = WindowedSpectrum(shape)
-        in_band = (self._geo.freqs >= lo) & (self._geo.freqs <= hi)
-        self._band = in_band
+        self._band = (self._geo.freqs >= lo) & (self._geo.freqs <= hi)
 
     @property
     def freqs_per_um(self) -> np.ndarray:

@@ -39,8 +39,8 @@ FIT_RADIUS = 0.3
 """Radius (cycles per pixel) of the disc of frequencies used in the phase-plane fit. Beyond it
 the pixel sampling of sub-pixel-sharp structure aliases content whose phase does not follow the
 shift, and photon noise dominates; a fit out to Nyquist was 2-3× less accurate on rendered
-shifted Siemens stars. Inside it a residual shift of half a pixel turns the phase by at most
-0.3·π, so it cannot wrap."""
+shifted Siemens stars. Inside it a residual shift of half a pixel along each axis turns the
+phase by at most 0.42·π, so it cannot wrap."""
 
 PEAK_SIGMAS = 8.0
 """A phase-correlation peak is significant when it exceeds ``PEAK_SIGMAS / √(rows·cols)``:

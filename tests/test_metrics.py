@@ -209,6 +209,12 @@ def test_warm_up_leaves_a_fresh_state(frame):
     assert engine.cheap(frame)["shift_x_px"] is None
 
 
+def test_read_only_frames_as_decoded_from_the_wire(frame):
+    wire = np.frombuffer(frame.astype(np.uint16).tobytes(), dtype=np.uint16).reshape(frame.shape)
+    assert not wire.flags.writeable
+    assert MetricsEngine().compute_all(wire) == MetricsEngine().compute_all(wire.copy())
+
+
 def test_xradia_frame_through_the_reader():
     readers = pytest.importorskip("stream.readers")
     path = DATA / "xradia-txm" / "test_chip00.xrm"
