@@ -25,7 +25,7 @@ import numpy as np
 
 from stream.beam import beam_stats, bin_image_and_totals, binned_to_full_px, illumination_uniformity
 from stream.focus import brenner, normalized_variance, tenengrad, vollath_f4
-from stream.psd import RadialPsd
+from stream.psd import RadialPsd, kernel_array
 from stream.vibration import JitterTracker, PhaseCorrelator, min_significant_peak
 
 CHEAP_KEYS = (
@@ -238,8 +238,8 @@ class MetricsEngine:
         arr = self._frame(image)
         pix = self._pixel_nm(pixel_nm)
         cfg = self.config
-        # One contiguous copy serves all ROI kernels (numba vectorises only C-contiguous data).
-        roi = np.ascontiguousarray(arr[roi_slices(cfg.roi, arr.shape)])
+        # One contiguous copy of a kernel dtype serves all ROI kernels (see kernel_array).
+        roi = kernel_array(arr[roi_slices(cfg.roi, arr.shape)])
         out: dict[str, Any] = {
             "normalized_variance": _num(normalized_variance(roi)),
             "brenner": _num(brenner(roi)),

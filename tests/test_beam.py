@@ -11,6 +11,7 @@ from scipy import ndimage
 
 from stream.beam import (
     _bin_mean,
+    _fov_cv,
     beam_stats,
     bin_image,
     bin_image_and_totals,
@@ -146,6 +147,18 @@ def test_smooth_kernel_matches_scipy_normalised_convolution(sigma):
     np.testing.assert_allclose(smooth_nan(img, sigma), smooth_oracle(img, sigma), rtol=2e-5,
                                equal_nan=True)
     assert gaussian_kernel(sigma).sum() == pytest.approx(1.0)
+
+
+def test_fov_cv_kernel_matches_oracle():
+    rng = np.random.default_rng(45)
+    field = 1e4 + 300.0 * rng.normal(size=(64, 80))
+    field[:10] = 100.0  # dark rows outside the field of view
+    field[20, 20] = np.nan
+    field[30, 31] = np.inf
+    inside = field[np.isfinite(field) & (field >= 0.5 * np.nanmax(field[np.isfinite(field)]))]
+    assert _fov_cv(field, 0.5) == pytest.approx(inside.std() / inside.mean(), rel=1e-9)
+    assert np.isnan(_fov_cv(np.full((4, 4), np.nan), 0.5))
+    assert np.isnan(_fov_cv(np.zeros((4, 4)), 0.5))
 
 
 def test_uniform_field_has_small_cv_and_modulation_is_measured():
