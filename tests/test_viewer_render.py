@@ -272,3 +272,61 @@ def test_run_viewer_snapshot_times_out_without_a_stream(tmp_path, capsys):
     with pytest.raises(ValueError, match="frames"):
         run_viewer(url, snapshot=str(path), frames=0)
     pub.close()
+
+
+def test_run_viewer_window_loop_polls_on_its_timer_until_frames(tmp_path):
+    """The interactive path (timer → poll → draw → quit), run on the egl app instead of Qt."""
+    _offscreen_or_skip()
+    pub, url = _pub()
+    stop = threading.Event()
+
+    def publish() -> None:
+        for seq in itertools.count():
+            if stop.wait(0.05):
+                break
+            pub.send(encode_message(preview_message(seq, seed=seq)))
+
+    thread = threading.Thread(target=publish, daemon=True)
+    thread.start()
+    try:
+        assert run_viewer(url, frames=2, size=(400, 300), rate_hz=50.0, app="egl") == 0
+    finally:
+        stop.set()
+        thread.join(5.0)
+        pub.close()
+
+
+def test_a_paused_viewer_costs_the_pipeline_nothing():
+    """A subscriber that never polls (paused viewer) while the pipeline streams previews of
+    every frame: every result is still sent, none dropped, and the viewer then holds only one
+    preview."""
+    from stream.frame import Frame
+    from stream.pipeline import Pipeline
+    from stream.publish import Publisher
+    from stream.source import MemorySource
+    from txmlive.config import Config
+    from txmlive.ports import free_tcp_url
+
+    config = Config()
+    config.preview.bin = 1
+    config.preview.max_rate_hz = 1e6  # a preview for every frame the buffers allow
+    config.correction.enabled = False
+    rng = np.random.default_rng(7)
+    images = [rng.integers(0, 4000, (256, 256)).astype(np.uint16) for _ in range(4)]
+    n = 300
+    frames = [Frame(seq=i, t_ns=i, kind="data", image=images[i % 4], exposure_s=0.01,
+                    energy_ev=8000.0) for i in range(n)]
+    url = free_tcp_url()
+    publisher = Publisher(None, url)
+    with PreviewSubscriber(url) as sub:
+        time.sleep(0.3)  # let the SUB connect, so the previews really queue towards it
+        summary = Pipeline(MemorySource(frames), publisher, config).run()
+        counters = summary["counters"]
+        assert counters["processed"] == n and counters["dropped"] == 0
+        assert counters["results_dropped"] == 0
+        assert publisher.counters["results_sent"] == n
+        assert publisher.counters["previews_sent"] > 10
+        time.sleep(0.2)
+        newest = sub.poll()
+        assert newest is not None and newest["shape"] == [256, 256]
+        assert sub.poll() is None and sub.received == 1

@@ -2,16 +2,17 @@
 
 Layout (one :class:`vispy.scene.SceneCanvas`, one grid)::
 
-    ┌────────────────────────┬──────────────┐
-    │                        │ radial PSD   │
-    │  image (zoom/pan),     ├──────────────┤
-    │  scale bar, ROI,       │ focus        │
-    │  centroid + setpoint   │ resolution   │
-    │                        │ beam x/y err │
-    │                        │ vibration    │
-    ├────────────────────────┴──────────────┤
-    │ status: seq, fps, latency, counters, loops, staleness │
-    └───────────────────────────────────────┘
+    ┌──────────────────────────┬────────────────────────┐
+    │ image (zoom/pan),        │ radial PSD (log10),    │
+    │ auto contrast, scale     │ floor, cut-off, res.   │
+    │ bar, metrics ROI,        ├────────────────────────┤
+    │ beam centroid (+) and    │ focus score trace      │
+    │ setpoint (o)             │ resolution trace       │
+    │                          │ beam x/y error traces  │
+    │                          │ vibration RMS trace    │
+    ├──────────────────────────┴────────────────────────┤
+    │ seq, fps, latency, counters, loops, PAUSED/STALE  │
+    └───────────────────────────────────────────────────┘
 
 Every visual is created once; a new preview updates them in place (``Image.set_data`` on the
 same texture, ``clim`` as a uniform, ``Line.set_data``). :func:`run_viewer` polls a
@@ -102,19 +103,18 @@ def use_app(offscreen: bool, app: str | None = None) -> Any:
         raise RuntimeError(f"vispy backend {name!r} is not usable ({exc}); {hint}") from exc
 
 
-def _connect_mask(values: np.ndarray) -> np.ndarray:
-    """``Line`` connect array: segment i → i+1 drawn only when both ends are finite."""
-    finite = np.isfinite(values)
-    return finite & np.append(finite[1:], False)
+def _connect_mask(ok: np.ndarray) -> np.ndarray:
+    """``Line`` connect array: segment i → i+1 is drawn only when both ends are ``ok``."""
+    return ok & np.append(ok[1:], False)
 
 
 def _range(lo: float, hi: float, margin: float = 0.05) -> tuple[float, float]:
-    """``(lo, hi)`` widened by ``margin`` of the span; a point becomes a unit-wide range."""
+    """``(lo, hi)`` widened by ``margin`` of the span; a constant gets ±5 % (±1 at zero)."""
     if not (math.isfinite(lo) and math.isfinite(hi)):
         return 0.0, 1.0
     span = hi - lo
     if span <= 0:
-        pad = max(abs(lo) * 0.05, 1e-12)
+        pad = abs(lo) * 0.05 or 1.0
         return lo - pad, hi + pad
     return lo - margin * span, hi + margin * span
 
@@ -321,16 +321,19 @@ class LiveView:
         return True
 
     def _draw_image(self) -> None:
-        model = self.model
-        data = np.asarray(model.image, dtype=np.float32)
-        self.image.set_data(data)
-        self.image.clim = model.contrast()
+        data = np.asarray(self.model.image, dtype=np.float32)
+        self.image.set_data(data)  # same shape: same texture, sub-image upload
         if self._image_shape != data.shape:
             self._image_shape = data.shape
             self.reset_zoom()
-        lo, hi = self.image.clim
+        self._draw_contrast()
+
+    def _draw_contrast(self) -> None:
+        model = self.model
+        lo, hi = self.image.clim = model.contrast()
         low_pct, high_pct = model.clip_pct
-        self.image_title.text = (f"image {data.shape[1]}×{data.shape[0]} (bin {model.bin_factor})"
+        rows, cols = model.image.shape
+        self.image_title.text = (f"image {cols}×{rows} (bin {model.bin_factor})"
                                  f"   contrast {lo:.4g}–{hi:.4g} ({low_pct:g}–{high_pct:g} %)")
 
     def reset_zoom(self) -> None:
@@ -395,7 +398,7 @@ class LiveView:
             self.no_psd_text.visible = True
             return
         pos = np.column_stack([np.where(ok, x, 0.0), np.where(ok, y, 0.0)]).astype(np.float32)
-        self.psd_line.set_data(pos, connect=ok & np.append(ok[1:], False))
+        self.psd_line.set_data(pos, connect=_connect_mask(ok))
         self.psd_line.visible = True
         x_lo, x_hi = _range(float(x[ok].min()), float(x[ok].max()), 0.02)
         y_vals = y[ok] if floor is None else np.append(y[ok], floor)
@@ -424,17 +427,17 @@ class LiveView:
             lows, highs = [], []
             for name in names:
                 t, v = traces[name].arrays()
-                t = t - t_now
+                t -= t_now  # in float64: epoch seconds in float32 would lose whole minutes
                 ok = np.isfinite(v)
                 line = self.trace_lines[name]
                 line.visible = ok.sum() >= 2
                 if line.visible:
                     pos = np.column_stack([t, np.where(ok, v, 0.0)]).astype(np.float32)
-                    line.set_data(pos, connect=_connect_mask(v))
+                    line.set_data(pos, connect=_connect_mask(ok))
                     lows.append(v[ok].min())
                     highs.append(v[ok].max())
-            t0 = traces[names[0]].t_s[0] - t_now
-            x_range = (t0, 0.0) if t0 < 0 else (-1.0, 0.0)
+            # t is the same for every trace; a time step back (new series) widens the range
+            x_range = (float(t.min()), float(t.max())) if t.max() > t.min() else (-1.0, 0.0)
             y_range = _range(min(lows), max(highs)) if lows else (0.0, 1.0)
             _set_rect(self.trace_views[panel].camera, x_range, y_range)
             self.trace_titles[panel].text = self._trace_title(panel)
@@ -497,7 +500,7 @@ class LiveView:
             path = self.save_png(self.snapshot_dir / f"txmlive-view-{seq}.png")
             log.info("snapshot written to %s", path)
         if key in ("c", "[", "]") and self.model.image is not None:
-            self._draw_image()
+            self._draw_contrast()
         self.refresh()
 
     def render(self, refresh_status: bool = True) -> np.ndarray:
