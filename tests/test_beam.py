@@ -12,6 +12,7 @@ from scipy import ndimage
 from stream.beam import (
     _bin_mean,
     _fov_cv,
+    _weighted_centroid,
     beam_stats,
     bin_image,
     bin_image_and_totals,
@@ -94,6 +95,26 @@ def test_bin_image_rejects_bad_arguments():
 
 
 # ---------------------------------------------------------------- centroid and counts
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32, np.float64])
+def test_centroid_kernel_matches_oracle(dtype):
+    rng = np.random.default_rng(46)
+    img = rng.poisson(50.0, (40, 70)).astype(dtype)
+    if dtype != np.uint16:
+        img[3, 4] = np.nan
+        img[20, 30:33] = np.inf
+    background = 48.0
+    v = img.astype(np.float64)
+    finite = np.isfinite(v)
+    wt = np.where(finite, np.clip(v - background, 0, None), 0.0)
+    yy, xx = np.mgrid[0:40, 0:70]
+    sy, sx, sw, sv, n = _weighted_centroid(img, background)
+    assert sw == pytest.approx(wt.sum(), rel=1e-12)
+    assert sy == pytest.approx((wt * yy).sum(), rel=1e-12)
+    assert sx == pytest.approx((wt * xx).sum(), rel=1e-12)
+    assert sv == pytest.approx(v[finite].sum(), rel=1e-12)
+    assert n == finite.sum()
+
 
 def test_centroid_of_gaussian_spot_in_px_and_um():
     img = gaussian_spot((200, 300), cy=80.3, cx=190.7, sigma=6.0)
