@@ -163,10 +163,6 @@ class MotorRecord(PVGroup):
         self._done: asyncio.Event | None = None
 
     # -- thread-safe reads for server-side code --------------------------------------------
-    @property
-    def record_name(self) -> str:
-        return self.prefix
-
     def position(self, t: float | None = None) -> float:
         """Position (user units) at monotonic time ``t`` (now when None)."""
         t = time.monotonic() if t is None else t

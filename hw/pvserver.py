@@ -16,7 +16,9 @@
 
 Data flow: :meth:`PvServer.update` (any thread, e.g. the pipeline's ``on_result``) only stores
 a reference to the newest Result; the server's own task publishes the newest one at most
-``max_rate_hz`` times a second, so the hot path never waits on Channel Access. A client put
+``max_rate_hz`` times a second, so the hot path never waits on Channel Access. ``SEQ`` is
+written after the other values of its Result, so a client that sees a new ``SEQ`` reads that
+Result's metrics and counters (or newer ones). A client put
 to a control record only becomes a :class:`PvCommand` on :attr:`PvServer.commands` (a
 ``queue.Queue``) for the executor; nothing is acted on inside the put handler.
 """
@@ -88,11 +90,11 @@ def result_values(result: Mapping[str, Any]) -> dict[str, float | int | None]:
     out: dict[str, float | int | None] = {
         suffix: _finite_or_none(metrics.get(key)) for key, suffix in pvnames.LIVE_METRIC_PVS.items()
     }
-    if result.get("seq") is not None:
-        out[pvnames.LIVE_SEQ] = int(result["seq"])
     for key, suffix in pvnames.LIVE_COUNTER_PVS.items():
         if counters.get(key) is not None:
             out[suffix] = int(counters[key])
+    if result.get("seq") is not None:
+        out[pvnames.LIVE_SEQ] = int(result["seq"])  # last: see PvServer's docstring
     return out
 
 
@@ -229,7 +231,10 @@ class LivePVs(PVGroup):
         if status is not None:
             values.update(status_values(status))
         if result is not None:
-            values.update(result_values(result))  # a Result's counters are the newer ones
+            # a Result's counters are the newer ones; its SEQ is written last
+            for suffix, value in result_values(result).items():
+                values.pop(suffix, None)
+                values[suffix] = value
         for suffix, value in values.items():
             await self._write(suffix, value)
         if values:

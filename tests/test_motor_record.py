@@ -366,8 +366,8 @@ def test_sim_ioc_publishes_truth_and_counter_from_another_thread(ioc):
     thread.join()
     counter = ioc.prefix + "CAM:ArrayCounter_RBV"
     assert _wait_for(lambda: _uncached(counter) == 50)
-    assert _uncached(ioc.prefix + "TRUTH:FOCUS_Z_UM") == 1050.0
-    assert _uncached(ioc.prefix + "TRUTH:RESOLUTION_NM") == 25.0
+    assert _wait_for(lambda: _uncached(ioc.prefix + "TRUTH:FOCUS_Z_UM") == 1050.0)
+    assert _wait_for(lambda: _uncached(ioc.prefix + "TRUTH:RESOLUTION_NM") == 25.0)
     with pytest.raises(epics.ca.CASeverityException, match="Write access denied"):
         epics.caput(ioc.prefix + "TRUTH:FOCUS_Z_UM", 1.0, wait=True, timeout=2)
     ioc.set_ring_current(0.0)
