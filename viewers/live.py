@@ -635,9 +635,9 @@ def run_viewer(connect: str, *, snapshot: str | None = None, frames: int | None 
     except RuntimeError as exc:
         print(f"txmlive view: {exc}", file=sys.stderr)
         return 2
-    model = ViewModel(stale_s=stale_s)
-    view = LiveView(model, size=size, cmap=cmap, show=snapshot is None)
     with PreviewSubscriber(connect) as sub:
+        view = LiveView(ViewModel(stale_s=stale_s), size=size, cmap=cmap,
+                        show=snapshot is None)
         try:
             if snapshot is not None:
                 return _snapshot(view, sub, Path(snapshot), frames or 1, rate_hz, timeout_s)
