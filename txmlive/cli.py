@@ -235,6 +235,20 @@ def cmd_demo(args: argparse.Namespace, config: Config) -> int:
     return 1 if summary["errors"] else 0
 
 
+def cmd_view(args: argparse.Namespace, config: Config) -> int:
+    from viewers.live import run_viewer
+
+    try:
+        width, height = (int(v) for v in args.size.lower().split("x"))
+    except ValueError as exc:
+        raise UsageError(f"--size must be WIDTHxHEIGHT, got {args.size!r}") from exc
+    try:
+        return run_viewer(args.connect or config.endpoints.preview, snapshot=args.snapshot,
+                          frames=args.frames, size=(width, height))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+
+
 # -- parser ----------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -278,6 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--realtime", action="store_true", help="send at the recorded rate")
     p.add_argument("--loop", action="store_true", help="repeat the data frames forever")
     p.add_argument("--json", action="store_true", help="print a JSON summary at exit")
+
+    p = command("view", cmd_view, "live viewer of the preview stream (vispy)")
+    p.add_argument("--connect", metavar="URL", help="preview endpoint (SUB connects)")
+    p.add_argument("--snapshot", metavar="FILE", help="render offscreen and write a PNG")
+    p.add_argument("--frames", type=int, metavar="N",
+                   help="previews to wait for before the snapshot (or before closing)")
+    p.add_argument("--size", default="1280x800", metavar="WxH", help="canvas size, px")
 
     p = command("demo", cmd_demo, "stream synthesized frames through the live pipeline")
     p.add_argument("--duration", type=float, default=10.0, help="seconds of frames")
