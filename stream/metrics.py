@@ -3,7 +3,9 @@
 The pipeline calls :meth:`MetricsEngine.cheap` on every frame (focus scores on the ROI,
 centroid and counts and illumination uniformity on the binned frame, frame-to-frame shift and
 jitter) and :meth:`MetricsEngine.expensive` on the newest frame in a side thread (radial PSD,
-resolution, band power, NA fill). :meth:`MetricsEngine.compute_all` does both for offline use.
+resolution, band power, NA fill) — or :meth:`MetricsEngine.expensive_roi` on a copy of
+:meth:`MetricsEngine.roi_view`, so the side thread holds only the small ROI.
+:meth:`MetricsEngine.compute_all` does both for offline use.
 
 The two dicts have disjoint keys, :data:`CHEAP_KEYS` and :data:`EXPENSIVE_KEYS`; together they
 are :data:`METRIC_KEYS`, so a consumer merges the latest of each with ``dict.update`` and never
@@ -300,8 +302,17 @@ class MetricsEngine:
             "vibration_nm": _num(self._jitter.rms_nm),
         }
 
+    def roi_view(self, image: np.ndarray) -> np.ndarray:
+        """The configured ROI of a frame, as a view (no copy).
+
+        The pipeline copies it (small) and hands the copy to :meth:`expensive_roi` on a side
+        thread, so the full frame need not stay alive for the PSD.
+        """
+        arr = self._frame(image)
+        return arr[roi_slices(self.config.roi, arr.shape)]
+
     def expensive(self, image: np.ndarray, pixel_nm: float | None = None) -> dict[str, Any]:
-        """PSD metrics of the ROI (:data:`EXPENSIVE_KEYS`); see :mod:`stream.psd`.
+        """PSD metrics of the frame's ROI (:data:`EXPENSIVE_KEYS`); see :mod:`stream.psd`.
 
         Parameters
         ----------
@@ -318,10 +329,13 @@ class MetricsEngine:
             ``cutoff_x_per_um``, ``cutoff_y_per_um``, ``band_power``, ``na_fill`` and
             ``psd_verdict``.
         """
-        arr = self._frame(image)
+        return self.expensive_roi(self.roi_view(image), pixel_nm)
+
+    def expensive_roi(self, roi: np.ndarray, pixel_nm: float | None = None) -> dict[str, Any]:
+        """:meth:`expensive` of a ROI already cut from the frame (by :meth:`roi_view`)."""
+        roi = self._frame(roi)
         pix = self._pixel_nm(pixel_nm)
         cfg = self.config
-        roi = arr[roi_slices(cfg.roi, arr.shape)]
         with self._expensive_lock:
             psd = self._psd
             if psd is None or psd.shape != roi.shape or psd.pixel_nm != pix:

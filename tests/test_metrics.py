@@ -203,6 +203,13 @@ def test_cheap_and_expensive_run_concurrently(frame):
     assert got_cheap == expected_cheap
 
 
+def test_roi_view_and_expensive_roi_as_the_pipeline_uses_them(frame):
+    engine = MetricsEngine()
+    view = engine.roi_view(frame)
+    assert view.shape == (512, 512) and np.shares_memory(view, frame)
+    assert engine.expensive_roi(view.copy(), 10.0) == engine.expensive(frame, 10.0)
+
+
 def test_warm_up_leaves_a_fresh_state(frame):
     engine = MetricsEngine()
     engine.warm_up(frame.shape, dtypes=(np.float32,))
