@@ -331,8 +331,14 @@ class MetricsEngine:
         """
         return self.expensive_roi(self.roi_view(image), pixel_nm)
 
-    def expensive_roi(self, roi: np.ndarray, pixel_nm: float | None = None) -> dict[str, Any]:
-        """:meth:`expensive` of a ROI already cut from the frame (by :meth:`roi_view`)."""
+    def expensive_roi(self, roi: np.ndarray, pixel_nm: float | None = None, *,
+                      with_curve: bool = False) -> dict[str, Any]:
+        """:meth:`expensive` of a ROI already cut from the frame (by :meth:`roi_view`).
+
+        With ``with_curve`` the dict also holds ``psd_curve``: the radial PSD itself
+        (``freqs_per_um``, ``psd`` as lists and the noise ``floor``) for viewers; it is not one
+        of :data:`EXPENSIVE_KEYS` and stays out of per-frame results.
+        """
         roi = self._frame(roi)
         pix = self._pixel_nm(pixel_nm)
         cfg = self.config
@@ -342,7 +348,7 @@ class MetricsEngine:
                 psd = self._psd = RadialPsd(roi.shape, pix, threshold=cfg.threshold,
                                             band_per_um=cfg.band_per_um, dr_nm=cfg.dr_nm)
         result = psd(roi)
-        return {
+        out = {
             "cutoff_per_um": _num(result.cutoff_per_um),
             "resolution_nm": _num(result.resolution_nm),
             "resolution_err_nm": _num(result.resolution_err_nm),
@@ -352,6 +358,10 @@ class MetricsEngine:
             "na_fill": _num(result.na_fill),
             "psd_verdict": result.verdict,
         }
+        if with_curve:
+            out["psd_curve"] = {"freqs_per_um": result.freqs_per_um.tolist(),
+                                "psd": result.psd.tolist(), "floor": _num(result.floor)}
+        return out
 
     def compute_all(self, image: np.ndarray, pixel_nm: float | None = None) -> dict[str, Any]:
         """:meth:`cheap` and :meth:`expensive` merged (:data:`METRIC_KEYS`), for offline use."""

@@ -28,6 +28,7 @@ import numpy as np
 from stream.beam import bin_image
 from stream.correct import Corrector, Processed, References
 from stream.frame import Frame
+from stream.metrics import roi_slices
 from stream.publish import MESSAGE_VERSION, Publisher
 from stream.queues import BoundedQueue, Closed, LatestSlot
 from stream.recorder import Recorder, RecorderError
@@ -99,7 +100,7 @@ class _ExpensiveMetrics:
         self._engine = engine
         self._slot: LatestSlot[tuple[int, np.ndarray, float | None]] = LatestSlot()
         self._lock = threading.Lock()
-        self._latest: tuple[int | None, dict[str, Any]] = (None, {})
+        self._latest: tuple[int | None, dict[str, Any], dict[str, Any] | None] = (None, {}, None)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="txmlive-metrics", daemon=True)
         self.computed = 0
@@ -114,7 +115,8 @@ class _ExpensiveMetrics:
     def skipped(self) -> int:
         return self._slot.replaced
 
-    def latest(self) -> tuple[int | None, dict[str, Any]]:
+    def latest(self) -> tuple[int | None, dict[str, Any], dict[str, Any] | None]:
+        """(seq described, expensive metrics, radial PSD curve) of the newest computation."""
         with self._lock:
             return self._latest
 
@@ -125,12 +127,13 @@ class _ExpensiveMetrics:
                 continue
             seq, roi, pixel_nm = item
             try:
-                values = self._engine.expensive_roi(roi, pixel_nm)
+                values = self._engine.expensive_roi(roi, pixel_nm, with_curve=True)
             except Exception:  # a metric failure must never stop the pipeline
                 log.exception("expensive metrics failed on frame %d", seq)
                 continue
+            curve = values.pop("psd_curve")
             with self._lock:
-                self._latest = (seq, values)
+                self._latest = (seq, values, curve)
             self.computed += 1
 
     def close(self) -> None:
@@ -188,7 +191,7 @@ class Pipeline:
         self._ended = threading.Event()
         self.counters: dict[str, Any] = {
             "processed": 0, "results": 0, "darks": 0, "flats": 0, "ends": 0,
-            "previews": 0, "unprocessed_at_exit": 0,
+            "previews": 0, "unprocessed_at_exit": 0, "metrics_errors": 0,
         }
         self._t_first: float | None = None
         self._t_last: float | None = None
@@ -298,14 +301,20 @@ class Pipeline:
         frame = block.frame
         pixel_nm = self._pixel_nm(frame)
         metrics: dict[str, Any] = {}
-        metrics_seq = None
+        metrics_seq = curve = None
+        flags = list(block.flags)
         if self.metrics is not None:
-            metrics = self.metrics.cheap(block.image, pixel_nm)
-            if self._expensive is not None:
+            try:
+                metrics = self.metrics.cheap(block.image, pixel_nm)
                 roi = self.metrics.roi_view(block.image)
-                self._expensive.offer(block.seq_last, roi.copy(), pixel_nm)
-                metrics_seq, expensive = self._expensive.latest()
-                metrics.update(expensive)
+            except ValueError as exc:  # e.g. a frame smaller than the configured ROI
+                flags.append(f"no metrics: {exc}")
+                self.counters["metrics_errors"] += 1
+            else:
+                if self._expensive is not None:
+                    self._expensive.offer(block.seq_last, roi.copy(), pixel_nm)
+                    metrics_seq, expensive, curve = self._expensive.latest()
+                    metrics.update(expensive)
         frame.stamp("metrics")
         result = {
             "v": MESSAGE_VERSION, "type": "result",
@@ -314,7 +323,7 @@ class Pipeline:
             "energy_ev": frame.energy_ev, "exposure_s": frame.exposure_s,
             "positions": dict(frame.positions), "moving": frame.moving, "pixel_nm": pixel_nm,
             "corrected": block.corrected, "reference_id": block.reference_id,
-            "flags": list(block.flags), "metrics": metrics, "metrics_seq": metrics_seq,
+            "flags": flags, "metrics": metrics, "metrics_seq": metrics_seq,
             "counters": self.snapshot_counters(), "stamps": dict(frame.stamps),
         }
         self.counters["results"] += 1
@@ -322,7 +331,7 @@ class Pipeline:
         self.publisher.results.put(result)
         if self.recorder is not None:
             self._record(block)
-        self._maybe_preview(block, result, pixel_nm)
+        self._maybe_preview(block, result, pixel_nm, curve)
         if self.on_result is not None:
             self.on_result(result, block)
 
@@ -343,8 +352,8 @@ class Pipeline:
             self._recorded_refs.add(block.reference_id)
         self.recorder.submit("data", block.image, meta)
 
-    def _maybe_preview(self, block: Processed, result: dict[str, Any],
-                       pixel_nm: float | None) -> None:
+    def _maybe_preview(self, block: Processed, result: dict[str, Any], pixel_nm: float | None,
+                       curve: dict[str, Any] | None) -> None:
         now = time.monotonic()
         rate = self.config.preview.max_rate_hz
         if rate <= 0 or now < self._next_preview:
@@ -357,11 +366,19 @@ class Pipeline:
             return
         bin_image(block.image, factor, out=buf)
         self._next_preview = now + 1.0 / rate
+        metrics = dict(result["metrics"])
+        if curve is not None:
+            metrics.update(psd_freqs_per_um=curve["freqs_per_um"], psd=curve["psd"],
+                           psd_floor=curve["floor"])
+        if self.metrics is not None and "metrics_roi" not in metrics and metrics:
+            rows_sl, cols_sl = roi_slices(self.metrics.config.roi, block.image.shape)
+            metrics["metrics_roi"] = [rows_sl.start, cols_sl.start, rows_sl.stop - rows_sl.start,
+                                      cols_sl.stop - cols_sl.start]
         message = {
             "v": MESSAGE_VERSION, "type": "preview", "seq": result["seq"], "t_ns": result["t_ns"],
             "shape": list(shape), "dtype": buf.dtype.str, "bin": factor,
             "pixel_nm": None if pixel_nm is None else pixel_nm * factor,
-            "metrics": result["metrics"], "counters": result["counters"],
+            "metrics": metrics, "counters": result["counters"],
             "status": self.status(),
         }
         self.publisher.submit_preview(message, buf, self._previews.give)

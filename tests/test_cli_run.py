@@ -59,6 +59,10 @@ def test_run_1000_frames_with_malformed_messages(tmp_path):
     sub.setsockopt(zmq.SUBSCRIBE, b"")
     sub.setsockopt(zmq.RCVHWM, 0)
     sub.connect(urls["results"])
+    preview = ctx.socket(zmq.SUB)
+    preview.setsockopt(zmq.SUBSCRIBE, b"")
+    preview.setsockopt(zmq.CONFLATE, 1)
+    preview.connect(urls["preview"])
     push = ctx.socket(zmq.PUSH)
     push.bind(urls["frames"])
     time.sleep(0.5)  # the SUB subscription reaches the PUB
@@ -85,7 +89,7 @@ def test_run_1000_frames_with_malformed_messages(tmp_path):
     c = summary["counters"]
     assert summary["frames"] == N_DATA
     assert c["rejected"] == bad and c["dropped"] == 0 and c["gaps"] == 0
-    assert c["uncorrected"] == 0 and c["received"] == N_DATA + 4
+    assert c["uncorrected"] == 0 and c["received"] == N_DATA + 5  # + the end frame
     assert summary["latency_ms"]["p50"] > 0
     seqs = []
     while sub.poll(1000):
@@ -94,8 +98,14 @@ def test_run_1000_frames_with_malformed_messages(tmp_path):
         assert result["corrected"] and set(result["stamps"]) >= {
             "recv", "dequeue", "correct", "metrics", "publish"}
     assert seqs == list(range(4, N_DATA + 4))
-    sub.close(linger=0)
-    push.close(linger=0)
+    assert preview.poll(1000), "no preview arrived"
+    message = decode_message(preview.recv(), "preview")
+    assert message["shape"] == [16, 16] and message["bin"] == 4 and message["pixel_nm"] == 40
+    assert len(message["image"]) == 16 * 16 * 4
+    assert message["metrics"]["metrics_roi"] == [0, 0, 64, 64]
+    assert len(message["metrics"]["psd"]) == len(message["metrics"]["psd_freqs_per_um"]) > 10
+    for sock in (sub, preview, push):
+        sock.close(linger=0)
 
     from stream.readers import open_series
 

@@ -78,9 +78,17 @@ def cmd_config(args: argparse.Namespace, config: Config) -> int:
 
 
 def _metrics_engine(config: Config) -> MetricsEngine:
+    """The metrics engine configured from ``[metrics]`` (``[]``/0 mean "not set")."""
     from stream.metrics import MetricsConfig, MetricsEngine
 
-    return MetricsEngine(MetricsConfig())
+    m = config.metrics
+    try:
+        return MetricsEngine(MetricsConfig(
+            roi=tuple(m.roi) if m.roi else None, pixel_nm=m.pixel_nm,
+            dr_nm=m.dr_nm or None, band_per_um=tuple(m.band_per_um), threshold=m.threshold,
+            bin_factor=m.bin_factor))
+    except ValueError as exc:
+        raise ConfigError(f"[metrics] {exc}") from exc
 
 
 def cmd_run(args: argparse.Namespace, config: Config) -> int:
