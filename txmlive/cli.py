@@ -243,6 +243,74 @@ def cmd_demo(args: argparse.Namespace, config: Config) -> int:
     return 1 if summary["errors"] else 0
 
 
+def _parse_roi(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        roi = [int(v) for v in text.split(",")]
+    except ValueError as exc:
+        raise UsageError(f"--roi must be ROW,COL,H,W integers, got {text!r}") from exc
+    if len(roi) != 4:
+        raise UsageError(f"--roi must be ROW,COL,H,W, got {text!r}")
+    return roi
+
+
+def cmd_metrics(args: argparse.Namespace, config: Config) -> int:
+    """Offline metrics: one JSON object per image (per frame for stacks and series)."""
+    import numpy as np
+
+    from stream.correct import normalize
+    from stream.readers import open_series
+
+    roi = _parse_roi(args.roi)
+    if roi is not None:
+        config.metrics.roi = roi
+    if args.dr_nm is not None:
+        config.metrics.dr_nm = args.dr_nm
+    status = 0
+    for path in args.paths:
+        try:
+            series = open_series(path)
+            frames = list(series)
+        except (OSError, ValueError) as exc:
+            print(f"txmlive metrics: cannot read {path}: {exc}", file=sys.stderr)
+            status = 1
+            continue
+        darks = [f.image for f in frames if f.kind == "dark"]
+        flats = [f.image for f in frames if f.kind == "flat"]
+        if args.correct and not flats:
+            print(f"txmlive metrics: {path} has no flat to --correct with", file=sys.stderr)
+            status = 1
+            continue
+        engine = _metrics_engine(config)  # per file: the frame-to-frame shift restarts
+        index = 0
+        for frame in frames:
+            if args.correct and frame.kind != "data":
+                continue
+            image = frame.image
+            if args.correct:
+                dark = np.stack(darks) if darks else np.zeros((1, *image.shape), np.float32)
+                image = normalize(image, dark, np.stack(flats))
+            pixel_nm = args.pixel_nm or frame.attrs.get("pixel_nm") or config.metrics.pixel_nm
+            try:
+                values = engine.compute_all(image, float(pixel_nm))
+            except ValueError as exc:
+                raise UsageError(f"{path} frame {index}: {exc}") from exc
+            row = {"file": str(path), "frame": index, "kind": frame.kind,
+                   "pixel_nm": float(pixel_nm), **values}
+            index += 1
+            if args.json:
+                _print_json(row)
+            else:
+                print(f"{path} [{row['frame']}] {frame.kind}: resolution "
+                      f"{_fmt(row['resolution_nm'])} ± {_fmt(row['resolution_err_nm'])} nm "
+                      f"({row['psd_verdict']}), cut-off {_fmt(row['cutoff_per_um'], '.2f')} "
+                      f"1/um, band {_fmt(row['band_power'], '.3g')}, centroid "
+                      f"({_fmt(row['centroid_x_px'])}, {_fmt(row['centroid_y_px'])}) px, "
+                      f"CV {_fmt(row['uniformity_cv'], '.3f')}")
+    return status
+
+
 def cmd_view(args: argparse.Namespace, config: Config) -> int:
     from viewers.live import run_viewer
 
@@ -300,6 +368,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--realtime", action="store_true", help="send at the recorded rate")
     p.add_argument("--loop", action="store_true", help="repeat the data frames forever")
     p.add_argument("--json", action="store_true", help="print a JSON summary at exit")
+
+    p = command("metrics", cmd_metrics, "focus, resolution and beam metrics of image files")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="HDF5 (Data Exchange, NeXus), TIFF file or folder, .npy, .xrm/.txrm")
+    p.add_argument("--pixel-nm", type=float, help="pixel size at the sample, nm")
+    p.add_argument("--roi", metavar="ROW,COL,H,W", help="metrics ROI in full-frame px")
+    p.add_argument("--dr-nm", type=float, help="ZP outermost zone width, nm (for na_fill)")
+    p.add_argument("--correct", action="store_true",
+                   help="flat-correct data frames with the file's darks/flats first")
+    p.add_argument("--json", action="store_true", help="one JSON object per image")
 
     p = command("view", cmd_view, "live viewer of the preview stream (vispy)")
     p.add_argument("--connect", metavar="URL", help="preview endpoint (SUB connects)")
