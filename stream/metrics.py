@@ -1,11 +1,19 @@
 """The per-frame metrics engine: configure once, call per frame, get a plain dict.
 
-The pipeline calls :meth:`MetricsEngine.cheap` on every frame (focus scores on the ROI,
-centroid and counts and illumination uniformity on the binned frame, frame-to-frame shift and
-jitter) and :meth:`MetricsEngine.expensive` on the newest frame in a side thread (radial PSD,
-resolution, band power, NA fill) — or :meth:`MetricsEngine.expensive_roi` on a copy of
-:meth:`MetricsEngine.roi_view`, so the side thread holds only the small ROI.
-:meth:`MetricsEngine.compute_all` does both for offline use.
+Two kinds of metrics, scheduled differently by the pipeline:
+
+- :meth:`MetricsEngine.cheap`, on every frame on the processing thread: centroid, total and
+  mean counts and illumination uniformity on the binned frame (:data:`CHEAP_KEYS`); what the
+  beam-position loop acts on.
+- :meth:`MetricsEngine.expensive_roi` on a copy of :meth:`MetricsEngine.roi_view`, on the
+  metrics stage thread: focus scores, the shift relative to the previously measured ROI and the
+  jitter RMS, and the radial PSD (resolution, band power, NA fill) (:data:`EXPENSIVE_KEYS`).
+  When that stage cannot keep up it measures the newest frame and the others carry the last
+  values; each result says which frame they describe (``metrics_seq``), so the shift is then
+  relative to the last *measured* frame.
+
+:meth:`MetricsEngine.expensive` takes a whole frame and :meth:`MetricsEngine.compute_all` does
+both, for offline use.
 
 The two dicts have disjoint keys, :data:`CHEAP_KEYS` and :data:`EXPENSIVE_KEYS`; together they
 are :data:`METRIC_KEYS`, so a consumer merges the latest of each with ``dict.update`` and never
@@ -31,14 +39,14 @@ from stream.psd import RadialPsd, kernel_array
 from stream.vibration import JitterTracker, PhaseCorrelator, min_significant_peak
 
 CHEAP_KEYS = (
-    "normalized_variance", "brenner", "tenengrad", "vollath_f4",
     "centroid_x_px", "centroid_y_px", "centroid_x_um", "centroid_y_um",
     "total_counts", "mean_counts", "uniformity_cv",
-    "shift_x_px", "shift_y_px", "vibration_nm",
 )
 """Keys of :meth:`MetricsEngine.cheap`."""
 
 EXPENSIVE_KEYS = (
+    "normalized_variance", "brenner", "tenengrad", "vollath_f4",
+    "shift_x_px", "shift_y_px", "vibration_nm",
     "cutoff_per_um", "resolution_nm", "resolution_err_nm", "cutoff_x_per_um",
     "cutoff_y_per_um", "band_power", "na_fill", "psd_verdict",
 )
@@ -160,11 +168,11 @@ def _num(value: float | None) -> float | None:
 class MetricsEngine:
     """Configure once, then compute the named metrics per frame.
 
-    ``cheap`` keeps state (the previous ROI's spectrum, the jitter track, a binning buffer),
-    guarded by its own lock, so it is meant for the stream of frames in order; ``expensive``
-    shares nothing but cached read-only geometry. ``cheap`` on the processing thread and
-    ``expensive`` on a side thread therefore run concurrently (the numba kernels and FFTs
-    release the GIL).
+    ``cheap`` keeps a binning buffer and ``expensive``/``expensive_roi`` the previous ROI's
+    spectrum and the jitter track, each guarded by its own lock; they share nothing else, so
+    ``cheap`` on the processing thread and ``expensive_roi`` on the metrics stage thread run
+    concurrently (the numba kernels and FFTs release the GIL). Each is meant for frames in
+    order.
 
     Parameters
     ----------
@@ -184,7 +192,7 @@ class MetricsEngine:
 
     def reset(self) -> None:
         """Forget the previous frame and the jitter track (call after a commanded move)."""
-        with self._cheap_lock:
+        with self._expensive_lock:
             self._prev_spec = None
             self._prev_key = None
             self._jitter.reset()
@@ -220,7 +228,7 @@ class MetricsEngine:
         return arr
 
     def cheap(self, image: np.ndarray, pixel_nm: float | None = None) -> dict[str, Any]:
-        """Every-frame metrics (:data:`CHEAP_KEYS`).
+        """Every-frame metrics of the whole frame (:data:`CHEAP_KEYS`).
 
         Parameters
         ----------
@@ -232,26 +240,13 @@ class MetricsEngine:
         Returns
         -------
         dict
-            Focus scores on the ROI; centroid (full-frame px and µm from the frame centre),
-            total and mean counts, uniformity on the binned frame; shift of this ROI relative
-            to the previous frame's (px; None on the first frame, after a shape or pixel-size
-            change, or when the correlation peak is not significant) and the jitter RMS (nm).
+            Centroid (full-frame px and µm from the frame centre), total and mean counts and
+            uniformity, all on the binned frame.
         """
         arr = self._frame(image)
         pix = self._pixel_nm(pixel_nm)
-        cfg = self.config
-        # One contiguous copy of a kernel dtype serves all ROI kernels (see kernel_array).
-        roi = kernel_array(arr[roi_slices(cfg.roi, arr.shape)])
-        out: dict[str, Any] = {
-            "normalized_variance": _num(normalized_variance(roi)),
-            "brenner": _num(brenner(roi)),
-            "tenengrad": _num(tenengrad(roi)),
-            "vollath_f4": _num(vollath_f4(roi)),
-        }
         with self._cheap_lock:
-            out.update(self._beam(arr, pix))
-            out.update(self._shift(roi, pix))
-        return out
+            return self._beam(arr, pix)
 
     def _beam(self, arr: np.ndarray, pix: float) -> dict[str, Any]:
         cfg = self.config
@@ -335,6 +330,9 @@ class MetricsEngine:
                       with_curve: bool = False) -> dict[str, Any]:
         """:meth:`expensive` of a ROI already cut from the frame (by :meth:`roi_view`).
 
+        Keeps state (the previous ROI's spectrum and the jitter track), so call it for frames
+        in order.
+
         With ``with_curve`` the dict also holds ``psd_curve``: the radial PSD itself
         (``freqs_per_um``, ``psd`` as lists and the noise ``floor``) for viewers; it is not one
         of :data:`EXPENSIVE_KEYS` and stays out of per-frame results.
@@ -348,7 +346,17 @@ class MetricsEngine:
                 psd = self._psd = RadialPsd(roi.shape, pix, threshold=cfg.threshold,
                                             band_per_um=cfg.band_per_um, dr_nm=cfg.dr_nm)
         result = psd(roi)
+        # One contiguous copy of a kernel dtype serves all ROI kernels (see kernel_array).
+        kroi = kernel_array(roi)
         out = {
+            "normalized_variance": _num(normalized_variance(kroi)),
+            "brenner": _num(brenner(kroi)),
+            "tenengrad": _num(tenengrad(kroi)),
+            "vollath_f4": _num(vollath_f4(kroi)),
+        }
+        with self._expensive_lock:
+            out.update(self._shift(kroi, pix))
+        out.update({
             "cutoff_per_um": _num(result.cutoff_per_um),
             "resolution_nm": _num(result.resolution_nm),
             "resolution_err_nm": _num(result.resolution_err_nm),
@@ -357,7 +365,7 @@ class MetricsEngine:
             "band_power": _num(result.band_power),
             "na_fill": _num(result.na_fill),
             "psd_verdict": result.verdict,
-        }
+        })
         if with_curve:
             out["psd_curve"] = {"freqs_per_um": result.freqs_per_um.tolist(),
                                 "psd": result.psd.tolist(), "floor": _num(result.floor)}

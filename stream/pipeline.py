@@ -30,7 +30,7 @@ from stream.correct import Corrector, Processed, References
 from stream.frame import Frame
 from stream.metrics import roi_slices
 from stream.publish import MESSAGE_VERSION, Publisher
-from stream.queues import BoundedQueue, Closed, LatestSlot
+from stream.queues import BoundedQueue, Closed
 from stream.recorder import Recorder, RecorderError
 from stream.source import Source
 
@@ -88,57 +88,115 @@ class _PreviewBuffers:
             self._free[image.shape].append(image)
 
 
-class _ExpensiveMetrics:
-    """Runs the expensive metrics on the newest frame only, in its own thread.
+class _RoiHandoff:
+    """The newest frame's ROI, copied into one of a few reused buffers.
 
-    The processing thread offers a copy of the metrics ROI (small) through a keep-latest slot;
-    when the worker cannot keep up, older offers are replaced, and each result says which frame
-    the expensive values describe (``metrics_seq``).
+    The processing thread offers every frame's ROI; the metrics stage takes it only if it is
+    still the newest when that frame's result comes up, so at most two ROI copies are alive
+    and nothing is allocated per frame in the steady state.
     """
 
-    def __init__(self, engine: MetricsEngine):
-        self._engine = engine
-        self._slot: LatestSlot[tuple[int, np.ndarray, float | None]] = LatestSlot()
+    def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._latest: tuple[int | None, dict[str, Any], dict[str, Any] | None] = (None, {}, None)
-        self._stop = threading.Event()
+        self._newest: tuple[int, np.ndarray, float | None] | None = None
+        self._free: list[np.ndarray] = []
+
+    def offer(self, seq: int, roi: np.ndarray, pixel_nm: float | None) -> None:
+        with self._lock:
+            buf = self._free.pop() if self._free else None
+        if buf is None or buf.shape != roi.shape or buf.dtype != roi.dtype:
+            buf = np.empty(roi.shape, roi.dtype)
+        np.copyto(buf, roi)
+        with self._lock:
+            if self._newest is not None:
+                self._free.append(self._newest[1])
+            self._newest = (seq, buf, pixel_nm)
+
+    def take(self, seq: int) -> tuple[np.ndarray, float | None] | None:
+        """The ROI of frame ``seq`` if it is the newest offered, else None."""
+        with self._lock:
+            if self._newest is None or self._newest[0] != seq:
+                return None
+            _, buf, pixel_nm = self._newest
+            self._newest = None
+            return buf, pixel_nm
+
+    def give_back(self, buf: np.ndarray) -> None:
+        with self._lock:
+            self._free.append(buf)
+
+
+class _MetricsStage:
+    """ROI metrics (focus, shift, PSD) between processing and publishing, in frame order.
+
+    Results pass through this thread in order. A result whose frame's ROI is still the newest
+    gets its own ROI metrics (``metrics_seq == seq``); when the stage is behind, the older
+    results pass at once with the last measured values and say which frame those describe
+    (``metrics_seq``, ``metrics_t_ns``), so the stage catches up on the newest frame and the
+    processing thread never waits for it.
+    """
+
+    def __init__(self, engine: MetricsEngine, publisher: Publisher):
+        self._engine = engine
+        self._publisher = publisher
+        self.rois = _RoiHandoff()
+        self.results: BoundedQueue[dict[str, Any]] = BoundedQueue(100_000, "block")
+        self._lock = threading.Lock()
+        self._latest: tuple[int | None, int | None, dict[str, Any], dict[str, Any] | None] = (
+            None, None, {}, None)
         self._thread = threading.Thread(target=self._run, name="txmlive-metrics", daemon=True)
         self.computed = 0
+        self.skipped = 0
+        self.errors = 0
 
     def start(self) -> None:
         self._thread.start()
 
-    def offer(self, seq: int, roi: np.ndarray, pixel_nm: float | None) -> None:
-        self._slot.put((seq, roi, pixel_nm))
-
-    @property
-    def skipped(self) -> int:
-        return self._slot.replaced
-
     def latest(self) -> tuple[int | None, dict[str, Any], dict[str, Any] | None]:
-        """(seq described, expensive metrics, radial PSD curve) of the newest computation."""
+        """(seq described, ROI metrics, radial PSD curve) of the newest measurement."""
         with self._lock:
-            return self._latest
+            seq, _, values, curve = self._latest
+            return seq, values, curve
+
+    def _measure(self, result: dict[str, Any]) -> None:
+        item = self.rois.take(result["seq"])
+        if item is None:
+            self.skipped += 1
+            return
+        roi, pixel_nm = item
+        try:
+            values = self._engine.expensive_roi(roi, pixel_nm, with_curve=True)
+        except Exception:  # a metric failure must never stop the pipeline
+            log.exception("ROI metrics failed on frame %d", result["seq"])
+            self.errors += 1
+            return
+        finally:
+            self.rois.give_back(roi)
+        curve = values.pop("psd_curve")
+        with self._lock:
+            self._latest = (result["seq"], result["t_ns"], values, curve)
+        self.computed += 1
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            item = self._slot.take(0.05)
-            if item is None:
-                continue
-            seq, roi, pixel_nm = item
+        while True:
             try:
-                values = self._engine.expensive_roi(roi, pixel_nm, with_curve=True)
-            except Exception:  # a metric failure must never stop the pipeline
-                log.exception("expensive metrics failed on frame %d", seq)
+                result = self.results.get(timeout=0.1)
+            except Closed:
+                break
+            if result is None:
                 continue
-            curve = values.pop("psd_curve")
+            self._measure(result)
             with self._lock:
-                self._latest = (seq, values, curve)
-            self.computed += 1
+                seq, t_ns, values, _ = self._latest
+            result["metrics"].update(values)
+            result["metrics_seq"], result["metrics_t_ns"] = seq, t_ns
+            result["stamps"]["roi_metrics"] = time.monotonic_ns()
+            self._publisher.results.put(result)
 
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(2.0)
+    def close(self, timeout: float = 10.0) -> None:
+        """Pass every queued result on, then stop."""
+        self.results.close()
+        self._thread.join(timeout)
 
 
 class Pipeline:
@@ -182,7 +240,7 @@ class Pipeline:
                                    enabled=config.correction.enabled)
         self.queue: BoundedQueue[Frame] = BoundedQueue(config.ingest.queue_frames,
                                                        config.ingest.queue_policy)
-        self._expensive = _ExpensiveMetrics(metrics) if metrics is not None else None
+        self._stage = _MetricsStage(metrics, publisher) if metrics is not None else None
         self._seq = _SeqTracker()
         self._previews = _PreviewBuffers()
         self._next_preview = 0.0
@@ -214,8 +272,9 @@ class Pipeline:
             "uncorrected": self.corrector.counters["uncorrected"],
             "results_dropped": self.publisher.results.dropped,
         })
-        if self._expensive is not None:
-            out["metrics_skipped"] = self._expensive.skipped
+        if self._stage is not None:
+            out["metrics_skipped"] = self._stage.skipped
+            out["metrics_errors"] += self._stage.errors
         if self.recorder is not None:
             rc = self.recorder.counters
             out["recorder_backlog"] = rc["backlog"]
@@ -301,7 +360,6 @@ class Pipeline:
         frame = block.frame
         pixel_nm = self._pixel_nm(frame)
         metrics: dict[str, Any] = {}
-        metrics_seq = curve = None
         flags = list(block.flags)
         if self.metrics is not None:
             try:
@@ -311,10 +369,7 @@ class Pipeline:
                 flags.append(f"no metrics: {exc}")
                 self.counters["metrics_errors"] += 1
             else:
-                if self._expensive is not None:
-                    self._expensive.offer(block.seq_last, roi.copy(), pixel_nm)
-                    metrics_seq, expensive, curve = self._expensive.latest()
-                    metrics.update(expensive)
+                self._stage.rois.offer(block.seq_last, roi, pixel_nm)
         frame.stamp("metrics")
         result = {
             "v": MESSAGE_VERSION, "type": "result",
@@ -323,15 +378,20 @@ class Pipeline:
             "energy_ev": frame.energy_ev, "exposure_s": frame.exposure_s,
             "positions": dict(frame.positions), "moving": frame.moving, "pixel_nm": pixel_nm,
             "corrected": block.corrected, "reference_id": block.reference_id,
-            "flags": flags, "metrics": metrics, "metrics_seq": metrics_seq,
+            "flags": flags, "metrics": metrics, "metrics_seq": None, "metrics_t_ns": None,
             "counters": self.snapshot_counters(), "stamps": dict(frame.stamps),
         }
         self.counters["results"] += 1
         self._t_last = time.monotonic()
-        self.publisher.results.put(result)
+        # The preview is built now, from the newest ROI metrics; the result goes on to the
+        # metrics stage, which may still add to it, so it is not touched here afterwards.
+        self._maybe_preview(block, result, pixel_nm)
+        if self._stage is not None:
+            self._stage.results.put(result)
+        else:
+            self.publisher.results.put(result)
         if self.recorder is not None:
             self._record(block)
-        self._maybe_preview(block, result, pixel_nm, curve)
         if self.on_result is not None:
             self.on_result(result, block)
 
@@ -352,8 +412,8 @@ class Pipeline:
             self._recorded_refs.add(block.reference_id)
         self.recorder.submit("data", block.image, meta)
 
-    def _maybe_preview(self, block: Processed, result: dict[str, Any], pixel_nm: float | None,
-                       curve: dict[str, Any] | None) -> None:
+    def _maybe_preview(self, block: Processed, result: dict[str, Any],
+                       pixel_nm: float | None) -> None:
         now = time.monotonic()
         rate = self.config.preview.max_rate_hz
         if rate <= 0 or now < self._next_preview:
@@ -367,10 +427,14 @@ class Pipeline:
         bin_image(block.image, factor, out=buf)
         self._next_preview = now + 1.0 / rate
         metrics = dict(result["metrics"])
+        curve = None
+        if self._stage is not None:
+            metrics_seq, roi_metrics, curve = self._stage.latest()
+            metrics.update(roi_metrics, metrics_seq=metrics_seq)
         if curve is not None:
             metrics.update(psd_freqs_per_um=curve["freqs_per_um"], psd=curve["psd"],
                            psd_floor=curve["floor"])
-        if self.metrics is not None and "metrics_roi" not in metrics and metrics:
+        if self.metrics is not None and metrics:
             rows_sl, cols_sl = roi_slices(self.metrics.config.roi, block.image.shape)
             metrics["metrics_roi"] = [rows_sl.start, cols_sl.start, rows_sl.stop - rows_sl.start,
                                       cols_sl.stop - cols_sl.start]
@@ -396,8 +460,8 @@ class Pipeline:
         """Run until the stream ends, ``max_frames`` is reached or ``stop`` is set."""
         stop = stop or threading.Event()
         self.publisher.start()
-        if self._expensive is not None:
-            self._expensive.start()
+        if self._stage is not None:
+            self._stage.start()
         receiver = threading.Thread(target=self._receive, name="txmlive-recv", daemon=True)
         processor = threading.Thread(target=self._process_loop, name="txmlive-process",
                                      daemon=True)
@@ -420,8 +484,8 @@ class Pipeline:
         self._stop.set()
         receiver.join(5.0)
         processor.join(5.0)
-        if self._expensive is not None:
-            self._expensive.close()
+        if self._stage is not None:
+            self._stage.close()
         self.publisher.close()
         summary = self.summary()
         if self.recorder is not None:
