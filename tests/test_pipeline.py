@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -119,3 +121,42 @@ def test_percentiles():
     assert percentiles_ms([]) == {"p50": None, "p90": None, "p99": None, "max": None}
     p = percentiles_ms(list(range(101)))
     assert p["p50"] == pytest.approx(50) and p["max"] == 100
+
+
+class _CapturingPublisher(Publisher):
+    """Keeps every result as it would be sent (the real sending thread, no sockets)."""
+
+    def __init__(self) -> None:
+        super().__init__(None, None)
+        self.sent: list[dict] = []
+
+    def _send_result(self, result: dict) -> None:
+        super()._send_result(result)
+        self.sent.append(result)
+
+
+class _SlowSource(MemorySource):
+    def recv(self, timeout_s: float):
+        time.sleep(0.03)
+        return super().recv(timeout_s)
+
+
+@pytest.mark.parametrize("slow", [False, True])
+def test_roi_metrics_stage_keeps_order_and_says_which_frame(slow):
+    from stream.metrics import METRIC_KEYS, MetricsConfig, MetricsEngine
+
+    frames, *_ = _frames(np.random.default_rng(7), 40)
+    publisher = _CapturingPublisher()
+    source = (_SlowSource if slow else MemorySource)(frames)
+    engine = MetricsEngine(MetricsConfig(roi=(0, 0, 32, 48)))
+    summary = Pipeline(source, publisher, Config(), metrics=engine).run()
+    seqs = [r["seq"] for r in publisher.sent]
+    assert seqs == list(range(6, 46)) and summary["counters"]["metrics_errors"] == 0
+    for r in publisher.sent:
+        assert set(METRIC_KEYS) <= set(r["metrics"])
+        assert r["metrics_seq"] is None or r["metrics_seq"] <= r["seq"]
+        assert "roi_metrics" in r["stamps"]
+    measured = [r for r in publisher.sent if r["metrics_seq"] == r["seq"]]
+    assert summary["counters"]["metrics_skipped"] + len(measured) == 40
+    if slow:  # a stage that keeps up measures every frame itself
+        assert len(measured) == 40
