@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -89,9 +90,18 @@ class Publisher:
             self._preview_sock.bind(preview_url)
         self.results: BoundedQueue[dict[str, Any]] = BoundedQueue(queue_results, "drop-oldest")
         self.previews: LatestSlot[tuple[dict[str, Any], np.ndarray, Any]] = LatestSlot()
-        self.counters = {"results_sent": 0, "previews_sent": 0}
+        self.counters = {"results_sent": 0, "previews_sent": 0, "listener_errors": 0}
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
         self.latencies_ms: list[float] = []
         self._thread = threading.Thread(target=self._run, name="txmlive-publish", daemon=True)
+
+    def add_listener(self, listener: Callable[[dict[str, Any]], None]) -> None:
+        """Call ``listener(result)`` with every sent result, from the publisher thread.
+
+        Listeners must return at once (hand the value to a keep-latest slot or queue): the
+        PV server and the feedback loops take results this way.
+        """
+        self.listeners.append(listener)
 
     def start(self) -> None:
         self._thread.start()
@@ -109,6 +119,12 @@ class Publisher:
         if self._results_sock is not None:
             self._results_sock.send(encode_message(result), copy=False)
         self.counters["results_sent"] += 1
+        for listener in self.listeners:
+            try:
+                listener(result)
+            except Exception:  # a consumer's bug must not stop publishing
+                self.counters["listener_errors"] += 1
+                log.exception("result listener %r failed", listener)
 
     def _send_preview(self) -> None:
         item = self.previews.take(0)
