@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import zmq
 
+from hw.epics_env import free_ca_port
 from stream.frame import Frame, end_frame
 from stream.publish import decode_message
 from stream.wire import encode
@@ -26,7 +27,8 @@ def _start_run(*extra: str) -> tuple[subprocess.Popen, dict[str, str]]:
     urls = {"frames": free_tcp_url(), "results": free_tcp_url(), "preview": free_tcp_url()}
     proc = subprocess.Popen(
         [sys.executable, "-m", "txmlive.cli", "run", "--connect", urls["frames"],
-         "--results", urls["results"], "--preview", urls["preview"], "--json", *extra],
+         "--results", urls["results"], "--preview", urls["preview"], "--json",
+         "--ca-port", str(free_ca_port()), "--pv-prefix", f"TEST{free_ca_port()}:", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # wait until its sockets are bound

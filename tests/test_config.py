@@ -77,3 +77,13 @@ def test_metrics_section_lists(tmp_path):
     path.write_text('[metrics]\nroi = [0, "a"]\n')
     with pytest.raises(ConfigError, match=r"\[metrics\] roi: expected a list of int"):
         load_config(path)
+
+
+def test_motor_role_map(tmp_path):
+    path = tmp_path / "bl18b.toml"
+    path.write_text('[epics]\nsim_prefix = "BL18B:"\n[motors]\nzp_z_um = "OPT:ZP:Z"\n')
+    c = load_config(path)
+    assert c.motors["zp_z_um"] == "OPT:ZP:Z" and c.motors["energy_ev"] == "ENERGY"
+    path.write_text('[motors]\nzp_w_um = "X"\n')
+    with pytest.raises(ConfigError, match="unknown motor role 'zp_w_um'"):
+        load_config(path)

@@ -110,9 +110,23 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
                             warn_backlog_frames=config.recorder.warn_backlog_frames,
                             attrs={"mode": "processed", "config": render_config(config)})
         recorder.start()
+    pv_server = None
+    if config.epics.pv_server and not args.no_pv:
+        from hw.pvserver import PvServer
+
+        pv_server = PvServer(args.pv_prefix or config.epics.pv_prefix,
+                             args.ca_port or config.epics.pv_ca_port,
+                             max_rate_hz=config.epics.pv_max_rate_hz)
+        pv_server.start()
+        publisher.add_listener(pv_server.update)
+
+    def on_status(status: dict[str, Any]) -> None:
+        print(status_line(status), file=sys.stderr, flush=True)
+        if pv_server is not None:
+            pv_server.update_status(status)
+
     pipeline = Pipeline(source, publisher, config, metrics=_metrics_engine(config),
-                        recorder=recorder, max_frames=args.frames,
-                        on_status=lambda s: print(status_line(s), file=sys.stderr, flush=True))
+                        recorder=recorder, max_frames=args.frames, on_status=on_status)
     stop = _stop_on_signals()
     print(f"txmlive run: ready; frames <- {source.url}, results -> "
           f"{args.results or config.endpoints.results}, preview -> "
@@ -121,6 +135,8 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
         summary = pipeline.run(stop)
     finally:
         source.close()
+        if pv_server is not None:
+            pv_server.stop()
     if args.json:
         _print_json(summary)
     else:
@@ -347,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preview", metavar="URL", help="preview PUB endpoint to bind")
     p.add_argument("--record", metavar="FILE", help="record processed frames to HDF5")
     p.add_argument("--frames", type=int, metavar="N", help="exit after N data frames")
+    p.add_argument("--pv-prefix", metavar="PREFIX", help="PV server prefix (TXM:LIVE:)")
+    p.add_argument("--ca-port", type=int, metavar="N", help="PV server CA port (5066)")
+    p.add_argument("--no-pv", action="store_true", help="no PV server")
     p.add_argument("--json", action="store_true", help="print a JSON summary at exit")
 
     p = command("record", cmd_record, "record raw frames from a stream to HDF5")

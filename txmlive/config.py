@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from hw.pvnames import MOTOR_ROLES
+
 
 class ConfigError(ValueError):
     """A configuration file that cannot be used; the message names the bad key."""
@@ -121,10 +123,30 @@ class Status:
 class Epics:
     """EPICS servers and prefixes."""
 
-    sim_prefix: str = _opt("TXMSIM:", "PV prefix of the simulated beamline IOC")
+    sim_prefix: str = _opt("TXMSIM:", "PV prefix of the simulated beamline IOC (and of the "
+                                      "motors the feedback drives)")
     sim_ca_port: int = _opt(5064, "CA server port of the simulated beamline IOC", min_value=1)
+    beamline_ca_addr: list[str] = _opt(
+        [], "extra CA server addresses (host:port) of a real beamline's IOCs for the clients")
+    pv_server: bool = _opt(True, "`txmlive run` serves its metrics, status and loop controls")
     pv_prefix: str = _opt("TXM:LIVE:", "PV prefix of the pipeline's PV server")
     pv_ca_port: int = _opt(5066, "CA server port of the pipeline's PV server", min_value=1)
+    pv_max_rate_hz: float = _opt(10.0, "the PV server posts the newest result at most this "
+                                       "often", min_value=0.1)
+
+
+@dataclass
+class Sim:
+    """The simulated beamline (`txmlive sim`)."""
+
+    size: int = _opt(1024, "detector size N (N x N uint16)", min_value=16)
+    fps: float = _opt(10.0, "frame rate, frames/s", min_value=0.1)
+    energy_ev: float = _opt(8000.0, "start energy, eV", min_value=5000)
+    sample: str = _opt("siemens", "sample", choices=("siemens", "battery", "blank", "weak_phase"))
+    focus_offset_um: float = _opt(0.0, "hidden offset of the true focus from nominal, um")
+    beam_drift_px_per_s: float = _opt(0.0, "drift of the beam spot, px/s", min_value=0)
+    vibration_nm: float = _opt(0.0, "random image vibration, nm RMS", min_value=0)
+    seed: int = _opt(0, "random seed")
 
 
 @dataclass
@@ -140,6 +162,8 @@ class Config:
     recorder: Recorder = field(default_factory=Recorder)
     status: Status = field(default_factory=Status)
     epics: Epics = field(default_factory=Epics)
+    motors: dict[str, str] = field(default_factory=lambda: dict(MOTOR_ROLES))
+    sim: Sim = field(default_factory=Sim)
 
 
 def _check_value(section: str, f: dataclasses.Field, typ: Any, value: Any) -> Any:
@@ -177,6 +201,15 @@ def config_from_dict(data: dict[str, Any]) -> Config:
         if not isinstance(values, dict):
             raise ConfigError(f"[{name}] must be a table, got {values!r}")
         current = getattr(config, name)
+        if isinstance(current, dict):  # [motors]: role -> record name
+            for role, record in values.items():
+                if role not in MOTOR_ROLES:
+                    raise ConfigError(f"[{name}] unknown motor role {role!r}; known: "
+                                      f"{sorted(MOTOR_ROLES)}")
+                if not isinstance(record, str) or not record:
+                    raise ConfigError(f"[{name}] {role}: expected a record name, got {record!r}")
+                current[role] = record
+            continue
         hints = get_type_hints(type(current))
         keys = {f.name: f for f in dataclasses.fields(current)}
         for key, value in values.items():
@@ -218,6 +251,13 @@ def render_config(config: Config | None = None) -> str:
     lines = ["# txmlive configuration. Every key is optional; these are the defaults.", ""]
     for section in dataclasses.fields(config):
         value = getattr(config, section.name)
+        if isinstance(value, dict):
+            lines.append("# Motor role -> motor record name under [epics] sim_prefix (for a real "
+                         "beamline: its record names).")
+            lines.append(f"[{section.name}]")
+            lines.extend(f"{role} = {_toml_value(record)}" for role, record in value.items())
+            lines.append("")
+            continue
         lines.append(f"# {type(value).__doc__.strip()}")
         lines.append(f"[{section.name}]")
         for f in dataclasses.fields(value):
