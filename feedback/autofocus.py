@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Generator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -51,7 +51,7 @@ from scipy import optimize, signal, stats
 
 from feedback.commands import Acquire, Command, Done, Log, Procedure, Result, Verdict
 from feedback.optics import ZonePlate
-from feedback.safety import STOP_ERRORS, Guard, IntensityRule, Motion, metric
+from feedback.safety import STOP_ERRORS, Guard, IntensityRule, Motion, finite_or_none, metric
 
 FIT_PARAMETERS = ("baseline", "amplitude", "center_um", "width_um")
 """Parameters of the Gaussian-plus-constant focus model, in fit order."""
@@ -400,25 +400,71 @@ class AutofocusConfig:
 
 
 class _Stop(Exception):
-    """Ends a procedure early with a verdict (the motor goes back to the start)."""
+    """Ends a focus search early with a verdict (the motor goes back to the start)."""
 
     def __init__(self, verdict: Verdict, reason: str) -> None:
         super().__init__(reason)
         self.verdict = verdict
 
 
-class _FocusScan:
-    """The measured focus curve and the bookkeeping of one autofocus run."""
+@dataclass(frozen=True)
+class FocusSearch:
+    """Outcome of :func:`focus_search` (the autofocus without its :class:`Done`).
 
-    def __init__(self, guard: Guard, config: AutofocusConfig) -> None:
+    Attributes
+    ----------
+    verdict : Verdict
+        The fit's verdict, or ``aborted`` when frames were too dark or none was usable.
+    reason : str
+    fit : FocusFit or None
+        The last fit (None when the search stopped before one).
+    start_z_um, final_z_um : float or None
+        Focus motor before and after.
+    frames_used : int
+    energy_ev, dof_um : float or None
+    points : list of [z_um, score]
+    """
+
+    verdict: Verdict
+    reason: str
+    fit: FocusFit | None
+    start_z_um: float | None
+    final_z_um: float | None
+    frames_used: int
+    energy_ev: float | None
+    dof_um: float | None
+    points: list[list[float]]
+
+    def summary(self, score_key: str) -> dict[str, Any]:
+        """The JSON-able result of an autofocus (see :func:`autofocus`)."""
+        resolved = self.verdict == Verdict.RESOLVED and self.fit is not None
+        return {
+            "verdict": str(self.verdict),
+            "best_z_um": self.fit.best_z_um if resolved else None,
+            "uncertainty_um": self.fit.uncertainty_um if resolved else None,
+            "start_z_um": self.start_z_um, "final_z_um": self.final_z_um,
+            "frames_used": self.frames_used, "energy_ev": self.energy_ev,
+            "dof_um": self.dof_um, "score_key": score_key,
+            "fit": self.fit.as_dict() if self.fit is not None else None,
+            "points": self.points,
+        }
+
+
+class _FocusScan:
+    """The measured focus curve and the bookkeeping of one focus search."""
+
+    def __init__(self, motion: Motion, config: AutofocusConfig) -> None:
         self.config = config
-        self.motion = Motion(guard)
+        self.motion = motion
         self.z: list[float] = []
         self.scores: list[float] = []
         self.frames_used = 0
         self.structure = False
         self.reference_counts: float | None = None
         self.energy_ev: float | None = None
+        self.start: float | None = None
+        self.dof_um: float | None = None
+        self.fit: FocusFit | None = None
 
     def _take(self, results: list[Result], z_commanded: float) -> list[str]:
         """Keep the usable frames' scores; the reasons for the dropped ones."""
@@ -437,12 +483,11 @@ class _FocusScan:
                 problems.append(f"frame {result.get('seq')} has no {cfg.score_key}")
                 continue
             if self.energy_ev is None:
-                self.energy_ev = result.get("energy_ev")
-            if result.get("metrics", {}).get("psd_verdict") not in (None, "no_signal"):
+                self.energy_ev = finite_or_none(result.get("energy_ev"))
+            if (result.get("metrics") or {}).get("psd_verdict") not in (None, "no_signal"):
                 self.structure = True
-            position = (result.get("positions") or {}).get(cfg.role)
-            self.z.append(float(position) if isinstance(position, int | float)
-                          and math.isfinite(position) else z_commanded)
+            position = finite_or_none((result.get("positions") or {}).get(cfg.role))
+            self.z.append(z_commanded if position is None else position)
             self.scores.append(score)
             self.frames_used += 1
         return problems
@@ -455,7 +500,7 @@ class _FocusScan:
             yield from self.motion.move(cfg.role, z_um, why, last)
         here = self.motion.position[cfg.role]
         for _attempt in range(2):
-            results = yield Acquire(frames, after_move=z_um is not None,
+            results = yield Acquire(frames, after_move=bool(self.motion.done),
                                     keys=(cfg.score_key, "mean_counts"), timeout_s=cfg.timeout_s)
             before = self.frames_used
             problems = self._take(list(results), here)
@@ -469,28 +514,82 @@ class _FocusScan:
     def sweep(self, points: Sequence[float], frames: int, why: str
               ) -> Generator[Command, Any, None]:
         """Measure at ``points`` in ascending order, approached from below."""
-        cfg = self.config
         ordered = sorted(points)
-        if not ordered:
-            return
-        lim = self.motion.guard.limits(cfg.role)
-        if cfg.backlash > 0 and self.motion.position[cfg.role] > ordered[0]:
-            yield from self.motion.move(cfg.role, max(ordered[0] - cfg.backlash, lim.low),
-                                        "backlash: approach the sweep from below")
+        if ordered:
+            yield from self.approach(ordered[0], "backlash: approach the sweep from below",
+                                     final=False)
         for z in ordered:
             yield from self.measure(z, frames, why)
 
-    def fit(self, dof_um: float) -> FocusFit:
-        return fit_focus(self.z, self.scores, dof_um=dof_um, structure=self.structure)
+    def approach(self, target: float, why: str, metrics: dict[str, Any] | None = None, *,
+                 final: bool = True) -> Generator[Command, Any, None]:
+        """With backlash compensation, first go below ``target``; then to it when ``final``."""
+        cfg = self.config
+        lim = self.motion.guard.limits(cfg.role)
+        if cfg.backlash > 0 and self.motion.position[cfg.role] > target:
+            yield from self.motion.move(cfg.role, max(target - cfg.backlash, lim.low),
+                                        "backlash: approach from below")
+        if final:
+            yield from self.motion.move(cfg.role, target, why, metrics)
 
-    def points(self) -> list[list[float]]:
-        return [[z, s] for z, s in zip(self.z, self.scores, strict=True)]
+    def refit(self) -> FocusFit:
+        self.fit = fit_focus(self.z, self.scores, dof_um=self.dof_um, structure=self.structure)
+        return self.fit
+
+    def outcome(self, verdict: Verdict, reason: str) -> FocusSearch:
+        return FocusSearch(verdict, reason, self.fit, self.start,
+                           self.motion.position.get(self.config.role), self.frames_used,
+                           self.energy_ev, self.dof_um,
+                           [[z, s] for z, s in zip(self.z, self.scores, strict=True)])
 
 
 def _grid(center: float, half_width: float, n: int, low: float, high: float) -> list[float]:
     """``n`` evenly spaced positions over ``center ± half_width`` within ``[low, high]``."""
     lo, hi = max(center - half_width, low), min(center + half_width, high)
     return [float(v) for v in np.linspace(lo, hi, n)] if hi > lo else [float(lo)]
+
+
+def focus_search(motion: Motion, zone_plate: ZonePlate, config: AutofocusConfig | None = None
+                 ) -> Generator[Command, Any, FocusSearch]:
+    """The autofocus as a sub-procedure: everything but the final :class:`Done`.
+
+    Starts where the focus motor is, ends at the best focus (resolved) or back at that start
+    (any other outcome). Dark frames or no usable frame end it with verdict ``aborted`` after
+    returning to the start; an error thrown in by the executor
+    (:data:`feedback.safety.STOP_ERRORS`) ends it with verdict ``aborted`` at once. After an
+    ``aborted`` search the caller must put nothing more.
+
+    Parameters
+    ----------
+    motion : Motion
+        The calling procedure's motion bookkeeping (its moves count for the stale-frame rule).
+    zone_plate : ZonePlate
+        Gives the depth of focus at the frames' energy.
+    config : AutofocusConfig, optional
+
+    Returns
+    -------
+    FocusSearch
+    """
+    cfg = config if config is not None else AutofocusConfig()
+    scan = _FocusScan(motion, cfg)
+    try:
+        try:
+            fit = yield from _search(scan, zone_plate)
+        except _Stop as stop:
+            yield Log(f"autofocus: {stop}; returning to the start", "warning")
+            if scan.start is not None:
+                yield from scan.approach(scan.start, f"autofocus stopped ({stop}): back to start")
+            return scan.outcome(stop.verdict, str(stop))
+        if fit.verdict == Verdict.RESOLVED:
+            yield from scan.approach(fit.best_z_um, f"autofocus resolved: {fit.reason}",
+                                     {"verdict": str(fit.verdict)})
+        else:
+            yield from scan.approach(scan.start, f"autofocus {fit.verdict}: back to the start",
+                                     {"verdict": str(fit.verdict)})
+    except STOP_ERRORS as exc:
+        return scan.outcome(Verdict.ABORTED, f"{type(exc).__name__}: {exc}")
+    return scan.outcome(fit.verdict, fit.reason)
 
 
 def autofocus(guard: Guard, zone_plate: ZonePlate,
@@ -520,81 +619,41 @@ def autofocus(guard: Guard, zone_plate: ZonePlate,
     thrown in by the executor (:data:`feedback.safety.STOP_ERRORS`) it puts nothing more.
     """
     cfg = config if config is not None else AutofocusConfig()
-    scan = _FocusScan(guard, cfg)
-    state: dict[str, Any] = {"dof_um": None, "fit": None}
+    return _autofocus(Motion(guard), zone_plate, cfg)
 
-    def summary(verdict: Verdict, fit: FocusFit | None) -> dict[str, Any]:
-        resolved = verdict == Verdict.RESOLVED and fit is not None
-        return {
-            "verdict": str(verdict),
-            "best_z_um": fit.best_z_um if resolved else None,
-            "uncertainty_um": fit.uncertainty_um if resolved else None,
-            "start_z_um": scan.motion.start.get(cfg.role),
-            "final_z_um": scan.motion.position.get(cfg.role),
-            "frames_used": scan.frames_used,
-            "energy_ev": scan.energy_ev,
-            "dof_um": state["dof_um"],
-            "score_key": cfg.score_key,
-            "fit": fit.as_dict() if fit is not None else None,
-            "points": scan.points(),
-        }
 
-    try:
-        try:
-            fit = yield from _autofocus(scan, zone_plate, state)
-        except _Stop as stop:
-            yield Log(f"autofocus: {stop}; returning to the start", "warning")
-            yield from scan.motion.move(cfg.role, scan.motion.start[cfg.role],
-                                        f"autofocus stopped ({stop}): back to the start")
-            done = Done(stop.verdict, str(stop), summary(stop.verdict, state["fit"]))
-        else:
-            if fit.verdict == Verdict.RESOLVED:
-                target, why = fit.best_z_um, f"autofocus resolved: {fit.reason}"
-            else:
-                target, why = scan.motion.start[cfg.role], f"autofocus {fit.verdict}: back to start"
-            yield from _approach(scan, target, why, {"verdict": str(fit.verdict)})
-            done = Done(fit.verdict, fit.reason, summary(fit.verdict, fit))
-    except STOP_ERRORS as exc:
-        reason = f"{type(exc).__name__}: {exc}"
-        done = Done(Verdict.ABORTED, reason, summary(Verdict.ABORTED, state["fit"]))
+def _autofocus(motion: Motion, zone_plate: ZonePlate, cfg: AutofocusConfig) -> Procedure:
+    search = yield from focus_search(motion, zone_plate, cfg)
+    done = Done(search.verdict, search.reason, search.summary(cfg.score_key))
     yield done
     return done
 
 
-def _approach(scan: _FocusScan, target: float, why: str, metrics: dict[str, Any]
-              ) -> Generator[Command, Any, None]:
-    """Final move, from below when backlash compensation is on."""
-    cfg = scan.config
-    lim = scan.motion.guard.limits(cfg.role)
-    if cfg.backlash > 0 and scan.motion.position[cfg.role] > target:
-        yield from scan.motion.move(cfg.role, max(target - cfg.backlash, lim.low),
-                                    "backlash: approach the final position from below")
-    yield from scan.motion.move(cfg.role, target, why, metrics)
-
-
-def _autofocus(scan: _FocusScan, zone_plate: ZonePlate, state: dict[str, Any]
-               ) -> Generator[Command, Any, FocusFit]:
+def _search(scan: _FocusScan, zone_plate: ZonePlate) -> Generator[Command, Any, FocusFit]:
     cfg = scan.config
     role = cfg.role
     lim = scan.motion.guard.limits(role)
-    start = yield from scan.motion.read(role)
+    if role in scan.motion.position:
+        start = scan.motion.position[role]
+    else:
+        start = yield from scan.motion.read(role)
+    scan.start = start
     if not lim.contains(start):
         raise _Stop(Verdict.ABORTED, f"{role} starts at {start:g}, outside the soft limits")
     yield from scan.measure(None, cfg.frames_per_point, "autofocus: score at the start")
-    if not (isinstance(scan.energy_ev, int | float) and scan.energy_ev > 0):
-        raise _Stop(Verdict.ABORTED, f"the frames carry no photon energy ({scan.energy_ev!r})")
-    dof = zone_plate.dof_um(scan.energy_ev)
-    state["dof_um"] = dof
+    if scan.energy_ev is None or scan.energy_ev <= 0:
+        raise _Stop(Verdict.ABORTED, "the frames carry no photon energy")
+    dof = scan.dof_um = zone_plate.dof_um(scan.energy_ev)
     half = cfg.half_range_dof * dof
     coarse = _grid(start, half, cfg.coarse_points, lim.low, lim.high)
     step = (coarse[-1] - coarse[0]) / max(len(coarse) - 1, 1)
     yield Log(f"autofocus: coarse pass over [{coarse[0]:.4g}, {coarse[-1]:.4g}] µm "
               f"(±{cfg.half_range_dof:g} DOF, DOF ±{dof:.3g} µm at {scan.energy_ev:g} eV)")
-    yield from scan.sweep([z for z in coarse if z != start], cfg.frames_per_point,
-                          "autofocus coarse pass")
-    fit = state["fit"] = scan.fit(dof)
+    yield from scan.sweep([z for z in coarse if abs(z - start) > 1e-9 * max(1.0, abs(start))],
+                          cfg.frames_per_point, "autofocus coarse pass")
+    fit = scan.refit()
     yield Log(f"autofocus: coarse fit {fit.verdict}: {fit.reason}", data=fit.as_dict())
-    if fit.verdict == Verdict.RAILED:
+    if fit.verdict == Verdict.RAILED and step > 0:
         upward = fit.center_um is not None and fit.center_um > start
         reach = cfg.expand_dof * dof
         if upward:
@@ -606,15 +665,15 @@ def _autofocus(scan: _FocusScan, zone_plate: ZonePlate, state: dict[str, Any]
                       f"[{min(coarse[0], extra.min()):.4g}, {max(coarse[-1], extra.max()):.4g}] µm")
             yield from scan.sweep([float(v) for v in extra], cfg.frames_per_point,
                                   "autofocus range expansion")
-            fit = state["fit"] = scan.fit(dof)
+            fit = scan.refit()
             yield Log(f"autofocus: expanded fit {fit.verdict}: {fit.reason}", data=fit.as_dict())
     if fit.verdict != Verdict.RESOLVED:
         return fit
     relative_noise = (fit.noise or 0.0) / fit.amplitude if fit.amplitude else math.inf
-    frames = cfg.frames_per_point
     if math.isfinite(relative_noise):
         frames = int(min(cfg.max_frames_per_point,
-                         max(frames, math.ceil((relative_noise / cfg.noise_per_frame) ** 2))))
+                         max(cfg.frames_per_point,
+                             math.ceil((relative_noise / cfg.noise_per_frame) ** 2))))
     else:
         frames = cfg.max_frames_per_point
     refine = _grid(fit.best_z_um, cfg.refine_half_width_dof * dof, cfg.refine_points,
@@ -622,11 +681,11 @@ def _autofocus(scan: _FocusScan, zone_plate: ZonePlate, state: dict[str, Any]
     yield Log(f"autofocus: refining over [{refine[0]:.4g}, {refine[-1]:.4g}] µm with {frames} "
               f"frame(s) per point (relative score noise {relative_noise:.3g})")
     yield from scan.sweep(refine, frames, "autofocus refinement")
-    fit = state["fit"] = scan.fit(dof)
+    fit = scan.refit()
     yield Log(f"autofocus: final fit {fit.verdict}: {fit.reason}", data=fit.as_dict())
     if fit.verdict == Verdict.RESOLVED and not lim.contains(fit.best_z_um):
-        return FocusFit(Verdict.RAILED, None, None,
-                        f"best focus {fit.best_z_um:.4g} µm lies outside the soft limits",
-                        **{k: v for k, v in asdict(fit).items()
-                           if k not in ("verdict", "best_z_um", "uncertainty_um", "reason")})
+        scan.fit = replace(fit, verdict=Verdict.RAILED, best_z_um=None, uncertainty_um=None,
+                           reason=f"best focus {fit.best_z_um:.4g} µm lies outside the soft "
+                                  "limits")
+        return scan.fit
     return fit

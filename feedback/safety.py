@@ -60,7 +60,7 @@ _STEP_SLACK = 1e-9
 """Relative slack on the step check, so a planned step of exactly the maximum passes."""
 
 
-def _number(value: Any) -> float | None:
+def finite_or_none(value: Any) -> float | None:
     """``value`` as a finite float if it is a real number (not a bool), else None."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return None
@@ -194,13 +194,13 @@ class Guard:
             raise self._refuse(role, target, f"no limits configured for this role (known: "
                                              f"{sorted(self._limits)})")
         lim = self._limits[role]
-        value = _number(target)
+        value = finite_or_none(target)
         if value is None:
             raise self._refuse(role, target, "target is not a finite number")
         if not lim.contains(value):
             raise self._refuse(role, target, f"outside the soft limits [{lim.low:g}, "
                                              f"{lim.high:g}]")
-        here = _number(current)
+        here = finite_or_none(current)
         if here is None:
             raise self._refuse(role, target, f"current position {current!r} is unknown")
         step = abs(value - here)
@@ -226,7 +226,7 @@ class Guard:
         if role not in self._limits:
             raise self._refuse(role, target, "no limits configured for this role")
         lim = self._limits[role]
-        value, here = _number(target), _number(current)
+        value, here = finite_or_none(target), finite_or_none(current)
         if value is None or not lim.contains(value):
             raise self._refuse(role, target, f"not a finite target within the soft limits "
                                              f"[{lim.low:g}, {lim.high:g}]")
@@ -267,7 +267,7 @@ def frame_problem(result: Result, moves: Iterable[MoveDone],
         if t_ns <= done.t_done_ns:
             return (f"frame acquired at {t_ns} ns, not after the move of {done.role} finished "
                     f"at {done.t_done_ns} ns")
-        position = _number(positions.get(done.role))
+        position = finite_or_none(positions.get(done.role))
         if position is None:
             return f"frame has no position for {done.role}"
         tolerance = tolerances.get(done.role, 0.0)
@@ -378,7 +378,7 @@ class IntensityRule:
             Mean counts of a good frame (at enable or procedure start); None: only the
             absolute floor applies.
         """
-        mean_counts = _number(mean_counts)
+        mean_counts = finite_or_none(mean_counts)
         if mean_counts is None or mean_counts <= self.min_mean_counts:
             return PauseReason.BEAM_LOSS
         if reference_counts is not None and reference_counts > 0:
@@ -398,7 +398,7 @@ def stream_is_stale(last_result_ns: int | None, now_ns: int, max_age_s: float) -
 
 def metric(result: Result, key: str) -> float | None:
     """``result["metrics"][key]`` as a finite float, or None when missing or not finite."""
-    return _number((result.get("metrics") or {}).get(key))
+    return finite_or_none((result.get("metrics") or {}).get(key))
 
 
 class Motion:
