@@ -224,6 +224,37 @@ def cmd_replay(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def cmd_sim(args: argparse.Namespace, config: Config) -> int:
+    """The simulated beamline: a caproto IOC with motor records and a camera publishing frames."""
+    from hw.sim.beamline import SimBeamline
+
+    sim = config.sim
+    settings = dict(
+        prefix=args.prefix or config.epics.sim_prefix,
+        ca_port=args.ca_port or config.epics.sim_ca_port,
+        bind=args.bind or config.endpoints.frames,
+        size=args.size or sim.size, fps=args.fps or sim.fps,
+        energy_ev=args.energy_ev or sim.energy_ev,
+        focus_offset_um=(sim.focus_offset_um if args.focus_offset_um is None
+                         else args.focus_offset_um),
+        beam_drift_px_per_s=(sim.beam_drift_px_per_s if args.beam_drift_px_per_s is None
+                             else args.beam_drift_px_per_s),
+        vibration_nm=sim.vibration_nm if args.vibration_nm is None else args.vibration_nm,
+        seed=sim.seed if args.seed is None else args.seed,
+        sample=args.sample or sim.sample)
+    try:
+        beamline = SimBeamline(**settings)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    print(f"txmlive sim: IOC {settings['prefix']} on CA port {settings['ca_port']}, "
+          f"{settings['size']}x{settings['size']} frames at {settings['fps']} fps -> "
+          f"{settings['bind']}", file=sys.stderr, flush=True)
+    summary = beamline.serve(_stop_on_signals())
+    if args.json:
+        _print_json(summary)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace, config: Config) -> int:
     """Synthesized frames streamed over loopback through a real pipeline, with live status."""
     from stream.correct import warmup
@@ -386,6 +417,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=float, help="send at this rate")
     p.add_argument("--realtime", action="store_true", help="send at the recorded rate")
     p.add_argument("--loop", action="store_true", help="repeat the data frames forever")
+    p.add_argument("--json", action="store_true", help="print a JSON summary at exit")
+
+    p = command("sim", cmd_sim, "simulated TXM beamline: EPICS IOC (caproto) + camera frames")
+    p.add_argument("--prefix", help="IOC PV prefix (TXMSIM:)")
+    p.add_argument("--ca-port", type=int, help="CA server port (5064)")
+    p.add_argument("--bind", metavar="URL", help="frames PUSH endpoint to bind")
+    p.add_argument("--size", type=int, help="detector size N (frames N x N)")
+    p.add_argument("--fps", type=float, help="frame rate")
+    p.add_argument("--energy-ev", type=float, help="start energy, eV")
+    p.add_argument("--focus-offset-um", type=float, help="hidden focus offset, um")
+    p.add_argument("--beam-drift-px-per-s", type=float, help="beam drift, px/s")
+    p.add_argument("--vibration-nm", type=float, help="image vibration, nm RMS")
+    p.add_argument("--seed", type=int, help="random seed")
+    p.add_argument("--sample", choices=("siemens", "battery", "blank", "weak_phase"))
     p.add_argument("--json", action="store_true", help="print a JSON summary at exit")
 
     p = command("metrics", cmd_metrics, "focus, resolution and beam metrics of image files")
