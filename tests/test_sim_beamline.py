@@ -22,7 +22,7 @@ import zmq
 
 from hw.epics_env import LOOPBACK, configure_ca_client, free_ca_port
 from hw.pvnames import MOTOR_ROLES
-from hw.sim import SimParams, optics
+from hw.sim import BeamlineState, SimParams, Simulator, optics
 from hw.sim.beamline import (
     MAX_FOCUS_OFFSET_UM,
     SERIES,
@@ -152,6 +152,7 @@ def rig(running: Rig) -> Iterator[Rig]:
     """The running beamline, put back into its start state after the test."""
     yield running
     running.put("CAM:Acquire", "Acquire")
+    running.put("CAM:AcquireTime", 0.05)
     running.put("CAM:FrameType", "Normal")
     running.put("SHUTTER", "Open")
     for role, motor in running.beamline.ioc.config.motors.items():
@@ -191,7 +192,7 @@ def test_frames_carry_the_readbacks_at_exposure_start(rig: Rig) -> None:
         assert received_ns >= frame.t_ns + frame.exposure_s * 1e9
     seqs = [f.seq for f in frames]
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
-    assert _uncached(rig.pv("CAM:ArrayCounter_RBV")) >= seqs[-1]
+    assert _wait(lambda: _uncached(rig.pv("CAM:ArrayCounter_RBV")) >= seqs[-1])
     # the start state: the shaker fills the ZP for this detector size, ZP at nominal focus
     assert readbacks["shaker_amp_um"] == pytest.approx(SimParams(size_px=SIZE).fill_amp)
     assert readbacks["zp_z_um"] == 0.0
@@ -232,6 +233,7 @@ def test_defocusing_lowers_the_measured_cutoff(rig: Rig) -> None:
     zp = rig.motor("zp_z_um")
     focus = _uncached(rig.pv("TRUTH:FOCUS_Z_UM"))
     assert focus == pytest.approx(FOCUS_OFFSET_UM)
+    model = Simulator(SimParams(size_px=SIZE, focus_offset_um=FOCUS_OFFSET_UM))
     cutoffs, truth_nm = {}, {}
     for z in (focus, focus + 8.0, focus - 8.0):
         zp.move(z, wait=True)
@@ -240,8 +242,10 @@ def test_defocusing_lowers_the_measured_cutoff(rig: Rig) -> None:
         result = radial_psd(corrected, frames[0].attrs["pixel_nm"])
         assert result.verdict == "resolved"
         cutoffs[z] = result.cutoff_per_um
-        assert _wait(lambda: math.isclose(_uncached(rig.pv("TRUTH:FOCUS_Z_UM")), focus))
-        truth_nm[z] = _uncached(rig.pv("TRUTH:RESOLUTION_NM"))
+        state = BeamlineState(zp_z_um=z, shaker_amp_um=frames[0].positions["shaker_amp_um"])
+        truth_nm[z] = model.optics_truth(state)["resolution_nm"]
+        assert _wait(lambda t=truth_nm[z]: math.isclose(
+            _uncached(rig.pv("TRUTH:RESOLUTION_NM")), t, rel_tol=1e-6))
     assert 20.0 <= cutoffs[focus] <= 45.0  # a focused 25 nm zone plate
     for z in (focus + 8.0, focus - 8.0):
         assert cutoffs[z] < cutoffs[focus] - 5.0
@@ -318,15 +322,32 @@ def test_flatfield_frames_are_flat_tagged_and_hold_no_sample(rig: Rig) -> None:
 
 
 def test_acquire_done_stops_the_frames_and_acquire_resumes_them(rig: Rig) -> None:
+    counter = rig.pv("CAM:ArrayCounter_RBV")
     rig.put("CAM:Acquire", "Done")
     assert _wait(lambda: not rig.beamline.summary()["acquiring"])
-    seq = _uncached(rig.pv("CAM:ArrayCounter_RBV"))
+    time.sleep(0.1)  # the exposure under way when acquisition stopped is still read out
+    seq = rig.beamline.summary()["seq"]
+    assert _wait(lambda: _uncached(counter) == seq)  # the counter is posted asynchronously
     time.sleep(0.3)
-    assert _uncached(rig.pv("CAM:ArrayCounter_RBV")) == seq
-    assert rig.beamline.summary()["seq"] == seq
+    assert _uncached(counter) == seq and rig.beamline.summary()["seq"] == seq
     rig.put("CAM:Acquire", "Acquire")
     (frame,) = rig.frames(1)
     assert frame.seq == seq + 1  # the camera counts on
+
+
+def test_an_exposure_longer_than_the_period_stretches_the_frame_period(rig: Rig) -> None:
+    rig.put("CAM:AcquireTime", 0.12)  # > 1/FPS
+    frames = rig.frames(4, lambda f: f.exposure_s == 0.12)
+    starts_s = np.array([f.t_ns for f in frames]) * 1e-9
+    # an absolute schedule of 0.12 s (each start may lag its slot by the loop's latency),
+    # well apart from the 0.05 s asked for
+    assert np.all(np.diff(starts_s) > 0.1) and np.diff(starts_s).mean() > 0.115
+    assert np.all(np.diff([f.seq for f in frames]) == 1)  # stretched, not dropped
+    long_counts = frames[-1].image.mean() - DARK_COUNTS
+    rig.put("CAM:AcquireTime", 0.05)
+    (short,) = rig.frames(1, lambda f: f.exposure_s == 0.05)
+    assert long_counts == pytest.approx(0.12 / 0.05 * (short.image.mean() - DARK_COUNTS),
+                                        rel=0.05)
 
 
 def test_truth_follows_the_energy_and_keeps_the_hidden_focus_offset(rig: Rig) -> None:
@@ -343,6 +364,27 @@ def test_truth_follows_the_energy_and_keeps_the_hidden_focus_offset(rig: Rig) ->
     summary = rig.beamline.summary()
     assert summary["frames_rendered"] == summary["seq"] > 0
     assert summary["render_errors"] == 0 and summary["achieved_fps"] > 0
+
+
+def test_a_state_outside_the_model_is_skipped_and_counted_not_fatal(rig: Rig) -> None:
+    energy = rig.beamline.ioc.motor_pvs["energy_ev"]
+    errors = rig.beamline.summary()["render_errors"]
+    # a client widens the limit beyond the beamline's energy range and drives out there
+    velocity = _uncached(energy + ".VELO")
+    assert epics.caput(energy + ".HLM", 15000.0, wait=True, timeout=5) == 1
+    assert epics.caput(energy + ".VELO", 1e5, wait=True, timeout=5) == 1
+    try:
+        assert epics.caput(energy + ".VAL", 14500.0, wait=True, timeout=5) == 1
+        assert _wait(lambda: rig.beamline.summary()["render_errors"] > errors + 2)
+        seq = rig.beamline.summary()["seq"]
+        time.sleep(0.2)
+        assert rig.beamline.summary()["seq"] == seq  # no frames out there
+        assert epics.caput(energy + ".VAL", 8000.0, wait=True, timeout=5) == 1
+        (frame,) = rig.frames(1, lambda f: f.energy_ev == 8000.0 and not f.moving)
+        assert frame.seq > seq  # the camera carries on
+    finally:
+        epics.caput(energy + ".HLM", 14000.0, wait=True, timeout=5)
+        epics.caput(energy + ".VELO", velocity, wait=True, timeout=5)
 
 
 # -- life cycle --------------------------------------------------------------------------------

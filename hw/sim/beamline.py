@@ -6,26 +6,28 @@ from a PUSH socket bound to ``bind``. ``txmlive sim`` is ``SimBeamline(...).serv
 
 Acquisition
 -----------
-While ``CAM:Acquire`` is ``Acquire`` the camera starts an exposure every ``1/fps`` s on an
-absolute schedule (no drift). A frame:
+While ``CAM:Acquire`` is ``Acquire`` the camera starts an exposure every
+``max(1/fps, CAM:AcquireTime)`` s on an absolute schedule (no drift; a camera cannot start
+frames faster than it exposes them). A frame:
 
 1. takes :meth:`SimIOC.snapshot` at exposure start ``t_start`` (monotonic) with
    ``time.time_ns()`` as the frame's ``t_ns``; its ``positions`` are the readbacks of every
    motor role then, ``energy_ev`` the ``ENERGY`` readback;
 2. is rendered at once (:meth:`Simulator.render`, on the simulation clock that starts at 0 when
    the beamline starts): the exposure ``[t_start, t_start + CAM:AcquireTime]`` is modelled,
-   not slept through, so the render overlaps the exposure as on a camera that reads out while
-   it integrates;
-3. is published only once the exposure window is over, because ``moving`` says whether any
-   motor moved during it (:meth:`SimIOC.moved_between` over all motor roles: every one of them
-   either is driven by a feedback loop or changes the image, so a frame taken while any moved
-   is no clean measurement).
+   not slept through;
+3. is read out (numbered, published) only once that window is over, because ``moving`` says
+   whether any motor moved during it (:meth:`SimIOC.moved_between` over all motor roles:
+   every one of them either is driven by a feedback loop or changes the image, so a frame
+   taken while any moved is no clean measurement). The next exposure may start before the
+   read-out is done, as on a camera that reads out while it integrates, so the overhead of
+   the loop does not stretch the period.
 
-An exposure longer than the frame period stretches the period (a camera cannot start a frame
-before the last one ended); a render slower than the period makes the camera run as fast as it
-can, and the status line and :meth:`SimBeamline.summary` report the achieved rate.
-``CAM:ArrayCounter_RBV`` counts the frames acquired (it is the frame's ``seq``, from 1) and the
-``TRUTH:`` PVs follow each render's ground truth.
+A render slower than the period makes the camera run as fast as it can (the schedule restarts
+when it is a whole period late, without a burst to catch up); the status line (every
+:data:`STATUS_PERIOD_S`) and :meth:`SimBeamline.summary` report the achieved rate.
+``CAM:ArrayCounter_RBV`` counts the frames read out (it is the frame's ``seq``, from 1) and
+the ``TRUTH:`` PVs follow the ground truth of each frame read out.
 
 Frame kinds follow areaDetector's ``CAM:FrameType`` (Normal → ``data``, Background → ``dark``,
 FlatField → ``flat``); the pixels follow the physics. Closing ``SHUTTER`` or putting
@@ -57,9 +59,10 @@ import math
 import threading
 import time
 from collections import deque
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 import zmq
 
 from hw import pvnames
@@ -129,6 +132,23 @@ def _state_from_snapshot(snap: dict[str, Any]) -> BeamlineState:
         **snap["positions"], shutter_open=snap["shutter_open"],
         ring_current_ma=snap["ring_current_ma"], exposure_s=snap["exposure_s"],
         frame_type=snap["frame_type"])
+
+
+@dataclass(frozen=True)
+class _Exposure:
+    """A rendered exposure waiting for its window to close before it is read out."""
+
+    snap: dict[str, Any]
+    t_ns: int
+    state: BeamlineState
+    image: np.ndarray
+    truth: dict[str, Any]
+    render_s: float
+
+    @property
+    def t_end(self) -> float:
+        """End of the exposure window, monotonic s."""
+        return self.snap["t_monotonic"] + self.state.exposure_s
 
 
 class SimBeamline:
@@ -283,7 +303,10 @@ class SimBeamline:
             ``seq`` (last frame number = ``CAM:ArrayCounter_RBV``), ``frames_rendered``,
             ``frames_sent``, ``frames_undelivered``, ``render_errors``, ``acquiring``,
             ``requested_fps``, ``achieved_fps`` (over the last :data:`FPS_WINDOW` exposure
-            starts; 0 when none started for two periods), ``last_render_ms``.
+            starts; 0 when none started for two periods), ``last_render_ms``. Every frame
+            read out is either sent or undelivered: ``frames_rendered = frames_sent +
+            frames_undelivered`` except during the send of a frame. Exposures that cannot be
+            rendered (a state outside the model, logged) count as ``render_errors`` only.
         """
         with self._lock:
             starts = list(self._starts)
@@ -319,36 +342,51 @@ class SimBeamline:
 
     # -- the frame loop --------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
-        """Acquire and publish frames until ``stop`` is set (noticed within ~0.1 s)."""
+        """Acquire and publish frames until ``stop`` is set (noticed within ~0.1 s).
+
+        Exposures start on the absolute schedule ``next_due``; each is read out (sent) once
+        its window has passed, so the next exposure can start while the previous one is still
+        open by the loop's own overhead, as on a camera that reads out while it integrates.
+        Exposures still open when ``stop`` is set are never read out (nor counted).
+        """
         if self._sock is None:
             raise RuntimeError("SimBeamline.run before start()")
         period = 1.0 / self.fps
         next_due: float | None = None
+        pending: deque[_Exposure] = deque()
         while not stop.is_set():
-            snap = self.ioc.snapshot()
-            now = snap["t_monotonic"]
+            now = time.monotonic()
             self._status(now)
+            if pending and now >= pending[0].t_end:
+                deadline = next_due if next_due is not None else now + period
+                self._read_out(pending.popleft(), max(deadline, now), stop)
+                continue
+            snap = self.ioc.snapshot()
+            acquiring = bool(snap["acquire"])
             with self._lock:
-                self._acquiring = bool(snap["acquire"])
-            if not snap["acquire"]:
+                self._acquiring = acquiring
+            if not acquiring:
                 next_due = None
-                stop.wait(IDLE_POLL_S)
-                continue
-            if next_due is None:
-                next_due = now
-            if now < next_due:
-                stop.wait(next_due - now)  # then snapshot again: that is the exposure start
-                continue
-            if now - next_due > period:  # a whole period late: restart the schedule here
-                next_due = now
-            next_due += period
-            self._acquire(snap, time.time_ns(), next_due, stop)
+            else:
+                start = snap["t_monotonic"]
+                # a camera cannot start frames faster than it exposes them
+                frame_period = max(period, snap["exposure_s"])
+                if next_due is None or start - next_due > frame_period:
+                    next_due = start  # first frame, or a whole period late: restart here
+                if start >= next_due:
+                    exposure = self._expose(snap, time.time_ns())
+                    if exposure is not None:
+                        pending.append(exposure)
+                    next_due += frame_period
+                    continue
+            wake = [now + IDLE_POLL_S] if next_due is None else [next_due]
+            if pending:
+                wake.append(pending[0].t_end)
+            stop.wait(max(min(wake) - time.monotonic(), 0.0))
 
-    def _acquire(self, snap: dict[str, Any], t_ns: int, next_due: float,
-                 stop: threading.Event) -> None:
-        """Render, complete and send the frame of the exposure that starts at ``snap``."""
+    def _expose(self, snap: dict[str, Any], t_ns: int) -> _Exposure | None:
+        """Render the exposure that starts at ``snap`` (None if the state cannot be imaged)."""
         t_start = snap["t_monotonic"]
-        t_end = t_start + snap["exposure_s"]
         with self._lock:
             self._starts.append(t_start)
         state = _state_from_snapshot(snap)
@@ -357,26 +395,30 @@ class SimBeamline:
             image, truth = self.simulator.render(state, t_start - self._t_origin)
         except ValueError as err:  # e.g. a client widened a limit and drove the ZP too far
             self._render_failed(str(err))
-            stop.wait(max(t_end - time.monotonic(), 0.0))
-            return
-        render_s = time.perf_counter() - tick
-        if stop.wait(max(t_end - time.monotonic(), 0.0)):
-            return  # stopped mid-exposure: the frame is never read out, nor counted
+            return None
+        return _Exposure(snap=snap, t_ns=t_ns, state=state, image=image, truth=truth,
+                         render_s=time.perf_counter() - tick)
+
+    def _read_out(self, exposure: _Exposure, deadline: float, stop: threading.Event) -> None:
+        """Number, publish and send a finished exposure; retry sending until ``deadline``."""
+        state, truth, snap = exposure.state, exposure.truth, exposure.snap
         with self._lock:
             self._seq += 1
             self._rendered += 1
-            self._last_render_s = render_s
+            self._last_render_s = exposure.render_s
             seq = self._seq
         self.ioc.set_array_counter(seq)
         self.ioc.set_truth(**{key: truth[key] for key in pvnames.TRUTH_PVS})
         frame = Frame(
-            seq=seq, t_ns=t_ns, kind=truth["kind"], image=image, exposure_s=state.exposure_s,
-            energy_ev=state.energy_ev, positions=dict(snap["positions"]),
-            moving=self.ioc.moved_between(t_start, t_end), series=SERIES,
+            seq=seq, t_ns=exposure.t_ns, kind=truth["kind"], image=exposure.image,
+            exposure_s=state.exposure_s, energy_ev=state.energy_ev,
+            positions=dict(snap["positions"]),
+            moving=self.ioc.moved_between(snap["t_monotonic"], exposure.t_end),
+            series=SERIES,
             attrs={"pixel_nm": truth["pixel_nm"], "frame_type": state.frame_type,
                    "shutter_open": state.shutter_open,
                    "ring_current_ma": state.ring_current_ma})
-        delivered = self._send(encode(frame), max(next_due, time.monotonic()), stop)
+        delivered = self._send(encode(frame), deadline, stop)
         with self._lock:
             if delivered:
                 self._sent += 1
