@@ -423,8 +423,9 @@ def test_no_end_frame_is_sent_on_stop() -> None:
     thread = threading.Thread(target=beamline.serve, args=(stop,))
     thread.start()
     try:
-        kinds = [decode(pull.recv_multipart()).kind for _ in range(3) if pull.poll(10_000)]
-        assert kinds == ["data"] * 3
+        frames = [decode(pull.recv_multipart()) for _ in range(3) if pull.poll(10_000)]
+        assert [f.kind for f in frames] == ["data"] * 3
+        assert all(f.exposure_s == 1 / 50.0 for f in frames)  # the exposure fits the period
         stop.set()
         thread.join(5)
         while pull.poll(300):

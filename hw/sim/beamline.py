@@ -47,9 +47,12 @@ Motors
 ------
 The start positions are :meth:`Simulator.default_state` (the shaker amplitude that fills the
 zone plate for this detector size) with the energy given and the zone plate at the nominal
-focus of that energy. The ZP z travel spans the nominal focus over the whole energy range
-(5–14 keV: −7.94 mm … +16.49 mm around the 8 keV focus with the default optics, the focus
-moving ~2.5 µm/eV) plus :data:`ZP_Z_MARGIN_UM` on each side, at :data:`ZP_Z_VELOCITY_UM_S`.
+focus of that energy. ``CAM:AcquireTime`` starts at the default 0.05 s, or at the frame period
+if that is shorter (a 40 Hz shaker then completes fewer periods per exposure, and exposures
+holding a fraction of a period give flats that vary: tune ``SHAKER:FREQ``). The ZP z travel
+spans the nominal focus over the whole energy range (5–14 keV: −7.94 mm … +16.49 mm around
+the 8 keV focus with the default optics, the focus moving ~2.7 µm/eV near 8 keV) plus
+:data:`ZP_Z_MARGIN_UM` on each side, at :data:`ZP_Z_VELOCITY_UM_S`.
 """
 
 from __future__ import annotations
@@ -213,8 +216,11 @@ class SimBeamline:
         self.bind = bind
         self.fps = float(fps)
         self.simulator = Simulator(self.params)
-        start = replace(self.simulator.default_state(), energy_ev=float(energy_ev),
-                        zp_z_um=nominal_focus_z_um(self.params, float(energy_ev)))
+        default = self.simulator.default_state()
+        # --fps is honoured from the start: the exposure fits in the period
+        start = replace(default, energy_ev=float(energy_ev),
+                        zp_z_um=nominal_focus_z_um(self.params, float(energy_ev)),
+                        exposure_s=min(default.exposure_s, 1.0 / self.fps))
         low, high = zp_z_travel_um(self.params)
         motors = default_motors(zp_z_nominal_um=0.5 * (low + high),
                                 zp_z_range_um=0.5 * (high - low), energy_ev=float(energy_ev),
