@@ -16,7 +16,7 @@ def test_defaults_match_design():
     assert c.endpoints.frames == "tcp://127.0.0.1:5555"
     assert c.endpoints.results == "tcp://127.0.0.1:5556"
     assert c.endpoints.preview == "tcp://127.0.0.1:5557"
-    assert (c.epics.sim_prefix, c.epics.sim_ca_port) == ("TXMSIM:", 5064)
+    assert (c.epics.beamline_prefix, c.epics.beamline_ca_port) == ("TXMSIM:", 5064)
     assert (c.epics.pv_prefix, c.epics.pv_ca_port) == ("TXM:LIVE:", 5066)
 
 
@@ -81,7 +81,7 @@ def test_metrics_section_lists(tmp_path):
 
 def test_motor_role_map(tmp_path):
     path = tmp_path / "bl18b.toml"
-    path.write_text('[epics]\nsim_prefix = "BL18B:"\n[motors]\nzp_z_um = "OPT:ZP:Z"\n')
+    path.write_text('[epics]\nbeamline_prefix = "BL18B:"\n[motors]\nzp_z_um = "OPT:ZP:Z"\n')
     c = load_config(path)
     assert c.motors["zp_z_um"] == "OPT:ZP:Z" and c.motors["energy_ev"] == "ENERGY"
     path.write_text('[motors]\nzp_w_um = "X"\n')

@@ -230,8 +230,8 @@ def cmd_sim(args: argparse.Namespace, config: Config) -> int:
 
     sim = config.sim
     settings = dict(
-        prefix=args.prefix or config.epics.sim_prefix,
-        ca_port=args.ca_port or config.epics.sim_ca_port,
+        prefix=args.prefix or config.epics.beamline_prefix,
+        ca_port=args.ca_port or config.epics.beamline_ca_port,
         bind=args.bind or config.endpoints.frames,
         size=args.size or sim.size, fps=args.fps or sim.fps,
         energy_ev=args.energy_ev or sim.energy_ev,

@@ -123,11 +123,14 @@ class Status:
 class Epics:
     """EPICS servers and prefixes."""
 
-    sim_prefix: str = _opt("TXMSIM:", "PV prefix of the simulated beamline IOC (and of the "
-                                      "motors the feedback drives)")
-    sim_ca_port: int = _opt(5064, "CA server port of the simulated beamline IOC", min_value=1)
+    beamline_prefix: str = _opt(
+        "TXMSIM:", "PV prefix of the beamline's motors and camera: `txmlive sim` serves it, "
+                   "the feedback drives it (a real beamline: often empty, full names in "
+                   "[motors])")
+    beamline_ca_port: int = _opt(5064, "CA server port of the beamline IOC (`txmlive sim` "
+                                       "serves on it)", min_value=1)
     beamline_ca_addr: list[str] = _opt(
-        [], "extra CA server addresses (host:port) of a real beamline's IOCs for the clients")
+        [], "extra CA server addresses (host or host:port) of a real beamline's IOCs")
     pv_server: bool = _opt(True, "`txmlive run` serves its metrics, status and loop controls")
     pv_prefix: str = _opt("TXM:LIVE:", "PV prefix of the pipeline's PV server")
     pv_ca_port: int = _opt(5066, "CA server port of the pipeline's PV server", min_value=1)
@@ -252,7 +255,7 @@ def render_config(config: Config | None = None) -> str:
     for section in dataclasses.fields(config):
         value = getattr(config, section.name)
         if isinstance(value, dict):
-            lines.append("# Motor role -> motor record name under [epics] sim_prefix (for a real "
+            lines.append("# Motor role -> motor record name under [epics] beamline_prefix (a real "
                          "beamline: its record names).")
             lines.append(f"[{section.name}]")
             lines.extend(f"{role} = {_toml_value(record)}" for role, record in value.items())
