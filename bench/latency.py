@@ -374,20 +374,6 @@ class ResultCollector:
             messages, self._messages = self._messages, []
             return messages
 
-    def wait(self, expected: int, quiet_s: float, timeout_s: float) -> None:
-        """Return once ``expected`` messages are held, or none arrived for ``quiet_s`` (counted
-        from the call at the earliest), or after ``timeout_s``."""
-        start = time.monotonic()
-        deadline = start + timeout_s
-        while time.monotonic() < deadline:
-            with self._lock:
-                if len(self._messages) >= expected:
-                    return
-                idle = time.monotonic() - max(self.last_arrival, start)
-            if idle >= quiet_s:
-                return
-            time.sleep(min(0.02, quiet_s))
-
     def close(self) -> None:
         self._stop.set()
         self._thread.join(5.0)
@@ -529,8 +515,9 @@ def send_and_collect(sender: Sender, results: ResultCollector, *, fps: float, n_
                      quiet_s: float = 1.0) -> tuple[dict[str, Any], list[dict[str, Any]], range]:
     """Replay one series and gather its results.
 
-    Returns once the sender is done and either there are as many results as data frames or
-    none arrived for ``quiet_s`` (a consumer still working through a backlog keeps it waiting).
+    Returns once the sender is done and either every data frame of ``series`` has a result or
+    none of its results arrived for ``quiet_s`` (a consumer still working through a backlog
+    keeps it waiting; results of other series are discarded).
 
     Returns
     -------
@@ -541,14 +528,26 @@ def send_and_collect(sender: Sender, results: ResultCollector, *, fps: float, n_
     data_seqs : range
         ``seq`` of its data frames.
     """
-    stale = results.take()  # anything left from an earlier series
-    del stale
+    results.take()  # anything left from an earlier series
+    timeout_s = 120.0 + 10.0 * n_data / fps
     sent = sender.send(fps, n_data, series=series, with_refs=with_refs, send_end=send_end,
-                       timeout_s=120.0 + 10.0 * n_data / fps)
+                       timeout_s=timeout_s)
     first = sender.info["refs"] if with_refs else 0
-    results.wait(n_data, max(quiet_s, 3.0 / fps), 120.0 + 10.0 * n_data / fps)
-    decoded = [r for r in decode_results(results.take()) if r.get("series") == series]
-    return sent, decoded, range(first, first + n_data)
+    got: list[dict[str, Any]] = []
+    quiet_s = max(quiet_s, 3.0 / fps)
+    last_new = time.monotonic()
+    deadline = last_new + timeout_s
+    while len(got) < n_data and time.monotonic() < deadline:
+        batch = [r for r in decode_results(results.take()) if r.get("series") == series]
+        if batch:
+            got.extend(batch)
+            last_new = time.monotonic()
+        elif time.monotonic() - last_new >= quiet_s:
+            break
+        else:
+            time.sleep(0.02)
+    got.sort(key=lambda r: r["seq"])
+    return sent, got, range(first, first + n_data)
 
 
 def measure_latency(target: str, source: FrameSource, *, fps: float, frames: int,

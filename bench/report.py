@@ -93,12 +93,18 @@ def machine_section(reports: dict[str, list[tuple[Path, dict[str, Any]]]]) -> li
             f"{_f(float(np.median(floors)) if floors else None, '.1f')} GB/s median")
     lines += ["", "When and under what load (1-min load average at start → end; on a 2-core "
               "machine a load above ~1 means other work competed for the cores):", ""]
+    busy = False
     for kind, path, r in everything:
         m = r["machine"]
         start = m.get("load_average_start", [None])[0]
         end = (m.get("load_average_end") or [None])[0]
+        busy = busy or (start is not None and start >= 0.5 * (m.get("usable_cores") or 1))
         lines.append(f"- `{path.name}` ({kind}): {r.get('started', 'time not recorded')}, "
                      f"load {_f(start)} → {_f(end)}")
+    if busy:
+        lines += ["", "**Other work was running** when at least one of these started (load "
+                  "≥ half the cores before the benchmark's own processes): its numbers are "
+                  "pessimistic and noisy; re-run on a quiet machine for reference numbers."]
     return lines + [""]
 
 
