@@ -83,6 +83,9 @@ class FocusFit:
         Positions of the prominent maxima of the measured curve.
     n_points : int
         Points fitted.
+    signal : bool
+        Whether the curve varies significantly (not flat by the F-test); a procedure may
+        average more frames when the images show structure but the curve has no signal yet.
     """
 
     verdict: Verdict
@@ -98,6 +101,7 @@ class FocusFit:
     p_flat: float | None = None
     peaks_um: tuple[float, ...] = ()
     n_points: int = 0
+    signal: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-able dict (the verdict as its string)."""
@@ -296,7 +300,8 @@ def fit_focus(z_um: Sequence[float], scores: Sequence[float], *, dof_um: float |
                         "the images show no structure (no significant PSD signal)", **fit)
     stats_text = (f"amplitude {amplitude * scale:.3g} ± {errors[1] * scale:.3g}, "
                   f"p(flat) = {p_flat:.2g}")
-    if spread * scale <= min_amplitude or p_flat > p_flat_max:
+    fit["signal"] = not (spread * scale <= min_amplitude or p_flat > p_flat_max)
+    if not fit["signal"]:
         if structure:
             return FocusFit(Verdict.AMBIGUOUS, None, None,
                             f"the images show structure but the score does not vary "
@@ -653,6 +658,16 @@ def _search(scan: _FocusScan, zone_plate: ZonePlate) -> Generator[Command, Any, 
                           cfg.frames_per_point, "autofocus coarse pass")
     fit = scan.refit()
     yield Log(f"autofocus: coarse fit {fit.verdict}: {fit.reason}", data=fit.as_dict())
+    frames = cfg.frames_per_point
+    while not fit.signal and scan.structure and frames < cfg.max_frames_per_point:
+        # Structure in the images but no significant curve: a low dose. Average more frames.
+        more = min(cfg.max_frames_per_point, 3 * frames) - frames
+        frames += more
+        yield Log(f"autofocus: the score is noisy; {frames} frames per point")
+        yield from scan.sweep(coarse, more, "autofocus coarse pass, more frames")
+        fit = scan.refit()
+        yield Log(f"autofocus: averaged coarse fit {fit.verdict}: {fit.reason}",
+                  data=fit.as_dict())
     if fit.verdict == Verdict.RAILED and step > 0:
         upward = fit.center_um is not None and fit.center_um > start
         reach = cfg.expand_dof * dof
@@ -663,17 +678,16 @@ def _search(scan: _FocusScan, zone_plate: ZonePlate) -> Generator[Command, Any, 
         if extra.size:
             yield Log(f"autofocus: railed; expanding the range once to "
                       f"[{min(coarse[0], extra.min()):.4g}, {max(coarse[-1], extra.max()):.4g}] µm")
-            yield from scan.sweep([float(v) for v in extra], cfg.frames_per_point,
-                                  "autofocus range expansion")
+            yield from scan.sweep([float(v) for v in extra], frames, "autofocus range expansion")
             fit = scan.refit()
             yield Log(f"autofocus: expanded fit {fit.verdict}: {fit.reason}", data=fit.as_dict())
     if fit.verdict != Verdict.RESOLVED:
         return fit
     relative_noise = (fit.noise or 0.0) / fit.amplitude if fit.amplitude else math.inf
     if math.isfinite(relative_noise):
-        frames = int(min(cfg.max_frames_per_point,
-                         max(cfg.frames_per_point,
-                             math.ceil((relative_noise / cfg.noise_per_frame) ** 2))))
+        # Each frame is a point of the fit, so this is the noise of one frame's score.
+        needed = (relative_noise / cfg.noise_per_frame) ** 2
+        frames = int(min(cfg.max_frames_per_point, max(frames, math.ceil(needed))))
     else:
         frames = cfg.max_frames_per_point
     refine = _grid(fit.best_z_um, cfg.refine_half_width_dof * dof, cfg.refine_points,

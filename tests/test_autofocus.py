@@ -341,6 +341,15 @@ def test_autofocus_low_dose_averages_and_stays_within_a_fifth_of_the_dof(start_d
     assert abs(done.result["best_z_um"] - truth) <= DOF_8KEV / 5
 
 
+def test_autofocus_very_low_dose_averages_frames_instead_of_guessing():
+    done, bench = run_autofocus(-1.0, seed=52, flux_counts_per_s=1.0e3)  # ~12 counts/px
+    truth = bench.truth()["focus_z_um"]
+    assert done.verdict == Verdict.RESOLVED, done.reason
+    assert abs(done.result["best_z_um"] - truth) <= DOF_8KEV / 5
+    assert done.result["frames_used"] > 15
+    assert any("frames per point" in log.message for log in bench.logs)
+
+
 def test_autofocus_blank_sample_is_flat_and_returns_to_start():
     done, bench = run_autofocus(1.0, sample="blank")
     assert done.verdict == Verdict.FLAT, done.reason
