@@ -31,12 +31,17 @@ error is given). Guards against a wrong number, each giving a verdict instead:
 
 Procedure
 ---------
-:func:`autofocus` is a generator of :mod:`feedback.commands`: read the start, acquire at the
-start, a coarse pass over ±``half_range_dof`` depths of focus approached from below, fit; if
-railed, expand the range once beyond the railed edge and refit; if resolved, refine around
-the fitted peak (with more frames per point when the coarse fit shows a noisy score, e.g. at
-low dose) and fit everything; finally go to the best position (resolved) or back to the start
-(any other verdict). Frames taken before or while a move finished are dropped.
+:func:`autofocus` is a generator of :mod:`feedback.commands` (:func:`focus_search` is the
+same without its final ``Done``, for use inside other procedures): read the start, acquire at
+the start, a coarse pass over ±``half_range_dof`` depths of focus approached from below, fit.
+When the frames show structure (a PSD verdict other than ``no_signal``) but the curve is not
+yet significant — a low dose — the coarse points get more frames (×3, up to
+``max_frames_per_point``) and the curve is refitted. If railed, the range is expanded once
+beyond the railed edge; if resolved, a refinement around the fitted peak (more frames per
+point when the coarse residuals show a noisy score) and a fit of everything; finally the
+motor goes to the best position (resolved) or back to the start (any other verdict). Frames
+taken before or while a move finished, or off the commanded position, are dropped; 12 frames
+suffice at normal dose.
 """
 
 from __future__ import annotations
