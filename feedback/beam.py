@@ -60,6 +60,7 @@ from feedback.safety import (
     finite_or_none,
     frame_problem,
     metric,
+    stream_is_stale,
 )
 
 STEERING_ROLES = ("beam_x", "beam_y")
@@ -343,10 +344,10 @@ class BeamFeedback:
             if now_ns - issued_ns > cfg.move_timeout_s * 1e9:
                 self.pause(PauseReason.IOC_DISCONNECT,
                            f"move of {role} not done within {cfg.move_timeout_s:g} s")
-        if self._last_seen_ns is not None and \
-                now_ns - self._last_seen_ns > cfg.stale_after_s * 1e9:
-            self._set_internal(PauseReason.STALE_STREAM,
-                               f"no result for {(now_ns - self._last_seen_ns) / 1e9:.3g} s")
+        if stream_is_stale(self._last_seen_ns, now_ns, cfg.stale_after_s):
+            age = "ever" if self._last_seen_ns is None \
+                else f"for {(now_ns - self._last_seen_ns) / 1e9:.3g} s"
+            self._set_internal(PauseReason.STALE_STREAM, f"no result {age}")
         return self._step(())
 
     def update(self, result: dict[str, Any], now_ns: int) -> BeamStep:
