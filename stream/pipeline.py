@@ -28,7 +28,7 @@ import numpy as np
 from stream.beam import bin_image
 from stream.correct import Corrector, Processed, References
 from stream.frame import Frame
-from stream.metrics import roi_slices
+from stream.metrics import EXPENSIVE_KEYS, roi_slices
 from stream.publish import MESSAGE_VERSION, Publisher
 from stream.queues import BoundedQueue, Closed
 from stream.recorder import Recorder, RecorderError
@@ -142,8 +142,9 @@ class _MetricsStage:
         self.rois = _RoiHandoff()
         self.results: BoundedQueue[dict[str, Any]] = BoundedQueue(100_000, "block")
         self._lock = threading.Lock()
+        # Until the first measurement every ROI metric reads None ("not available").
         self._latest: tuple[int | None, int | None, dict[str, Any], dict[str, Any] | None] = (
-            None, None, {}, None)
+            None, None, dict.fromkeys(EXPENSIVE_KEYS), None)
         self._thread = threading.Thread(target=self._run, name="txmlive-metrics", daemon=True)
         self.computed = 0
         self.skipped = 0
@@ -184,6 +185,9 @@ class _MetricsStage:
             except Closed:
                 break
             if result is None:
+                continue
+            if result["kind"] != "data":  # reference frames carry no ROI metrics
+                self._publisher.results.put(result)
                 continue
             self._measure(result)
             with self._lock:
@@ -342,6 +346,7 @@ class Pipeline:
         elif frame.kind in ("dark", "flat"):
             self.references.add(frame)
             self.counters["darks" if frame.kind == "dark" else "flats"] += 1
+            self._emit_reference(frame)
         else:  # end of series: emit the partial block, then stop
             self.counters["ends"] += 1
             for block in self.corrector.flush():
@@ -356,14 +361,54 @@ class Pipeline:
             return self.metrics.config.pixel_nm
         return None
 
+    def _result(self, frame: Frame, pixel_nm: float | None, metrics: dict[str, Any],
+                flags: list[str], **block: Any) -> dict[str, Any]:
+        return {
+            "v": MESSAGE_VERSION, "type": "result", "kind": frame.kind,
+            "seq": block.get("seq_last", frame.seq), "seq_first": block.get("seq_first", frame.seq),
+            "seq_last": block.get("seq_last", frame.seq), "n_frames": block.get("n_frames", 1),
+            "series": frame.series, "t_ns": frame.t_ns, "energy_ev": frame.energy_ev,
+            "exposure_s": frame.exposure_s, "positions": dict(frame.positions),
+            "moving": frame.moving, "pixel_nm": pixel_nm,
+            "corrected": block.get("corrected", False),
+            "reference_id": block.get("reference_id"), "flags": flags, "metrics": metrics,
+            "metrics_seq": None, "metrics_t_ns": None, "counters": self.snapshot_counters(),
+            "stamps": dict(frame.stamps),
+        }
+
+    def _beam_metrics(self, frame: Frame, pixel_nm: float | None,
+                      flags: list[str]) -> dict[str, Any]:
+        """Frame-wide metrics of the RAW frame: the illumination the beam and shaker loops act
+        on (flat correction would divide it out). For a block, the raw of its last frame."""
+        if self.metrics is None:
+            return {}
+        try:
+            return self.metrics.cheap(frame.image, pixel_nm)
+        except ValueError as exc:
+            flags.append(f"no metrics: {exc}")
+            self.counters["metrics_errors"] += 1
+            return {}
+
+    def _emit_reference(self, frame: Frame) -> None:
+        """A result for a dark or flat frame: its raw frame-wide metrics (flat uniformity for
+        shaker tuning, counts for beam checks), no correction, no ROI metrics."""
+        pixel_nm = self._pixel_nm(frame)
+        flags: list[str] = []
+        metrics = self._beam_metrics(frame, pixel_nm, flags)
+        frame.stamp("metrics")
+        result = self._result(frame, pixel_nm, metrics, flags)
+        if self._stage is not None:  # through the stage, so results stay in frame order
+            self._stage.results.put(result)
+        else:
+            self.publisher.results.put(result)
+
     def _emit(self, block: Processed) -> None:
         frame = block.frame
         pixel_nm = self._pixel_nm(frame)
-        metrics: dict[str, Any] = {}
         flags = list(block.flags)
+        metrics = self._beam_metrics(frame, pixel_nm, flags)
         if self.metrics is not None:
             try:
-                metrics = self.metrics.cheap(block.image, pixel_nm)
                 roi = self.metrics.roi_view(block.image)
             except ValueError as exc:  # e.g. a frame smaller than the configured ROI
                 flags.append(f"no metrics: {exc}")
@@ -371,16 +416,9 @@ class Pipeline:
             else:
                 self._stage.rois.offer(block.seq_last, roi, pixel_nm)
         frame.stamp("metrics")
-        result = {
-            "v": MESSAGE_VERSION, "type": "result",
-            "seq": block.seq_last, "seq_first": block.seq_first, "seq_last": block.seq_last,
-            "n_frames": block.n_frames, "series": frame.series, "t_ns": frame.t_ns,
-            "energy_ev": frame.energy_ev, "exposure_s": frame.exposure_s,
-            "positions": dict(frame.positions), "moving": frame.moving, "pixel_nm": pixel_nm,
-            "corrected": block.corrected, "reference_id": block.reference_id,
-            "flags": flags, "metrics": metrics, "metrics_seq": None, "metrics_t_ns": None,
-            "counters": self.snapshot_counters(), "stamps": dict(frame.stamps),
-        }
+        result = self._result(frame, pixel_nm, metrics, flags, seq_first=block.seq_first,
+                              seq_last=block.seq_last, n_frames=block.n_frames,
+                              corrected=block.corrected, reference_id=block.reference_id)
         self.counters["results"] += 1
         self._t_last = time.monotonic()
         # The preview is built now, from the newest ROI metrics; the result goes on to the

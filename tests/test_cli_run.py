@@ -93,13 +93,17 @@ def test_run_1000_frames_with_malformed_messages(tmp_path):
     assert c["rejected"] == bad and c["dropped"] == 0 and c["gaps"] == 0
     assert c["uncorrected"] == 0 and c["received"] == N_DATA + 5  # + the end frame
     assert summary["latency_ms"]["p50"] > 0
-    seqs = []
+    seqs, kinds = [], []
     while sub.poll(1000):
         result = decode_message(sub.recv(), "result")
+        kinds.append(result["kind"])
+        if result["kind"] != "data":
+            continue
         seqs.append(result["seq"])
         assert result["corrected"] and set(result["stamps"]) >= {
             "recv", "dequeue", "correct", "metrics", "publish"}
     assert seqs == list(range(4, N_DATA + 4))
+    assert kinds[:4] == ["dark", "dark", "flat", "flat"]
     assert preview.poll(1000), "no preview arrived"
     message = decode_message(preview.recv(), "preview")
     assert message["shape"] == [16, 16] and message["bin"] == 4 and message["pixel_nm"] == 40

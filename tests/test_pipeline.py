@@ -150,9 +150,15 @@ def test_roi_metrics_stage_keeps_order_and_says_which_frame(slow):
     source = (_SlowSource if slow else MemorySource)(frames)
     engine = MetricsEngine(MetricsConfig(roi=(0, 0, 32, 48)))
     summary = Pipeline(source, publisher, Config(), metrics=engine).run()
-    seqs = [r["seq"] for r in publisher.sent]
-    assert seqs == list(range(6, 46)) and summary["counters"]["metrics_errors"] == 0
-    for r in publisher.sent:
+    assert [r["seq"] for r in publisher.sent] == list(range(46))  # references too, in order
+    refs = [r for r in publisher.sent if r["kind"] != "data"]
+    assert [r["kind"] for r in refs] == ["dark"] * 3 + ["flat"] * 3
+    for r in refs:  # raw frame-wide metrics, no ROI metrics
+        assert r["metrics"]["mean_counts"] > 0 and "brenner" not in r["metrics"]
+        assert not r["corrected"]
+    assert refs[3]["metrics"]["mean_counts"] > 10 * refs[0]["metrics"]["mean_counts"]
+    assert summary["counters"]["metrics_errors"] == 0
+    for r in [r for r in publisher.sent if r["kind"] == "data"]:
         assert set(METRIC_KEYS) <= set(r["metrics"])
         assert r["metrics_seq"] is None or r["metrics_seq"] <= r["seq"]
         assert "roi_metrics" in r["stamps"]
