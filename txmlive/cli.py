@@ -256,38 +256,11 @@ def cmd_sim(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, config: Config) -> int:
-    """Synthesized frames streamed over loopback through a real pipeline, with live status."""
-    from stream.correct import warmup
-    from stream.pipeline import Pipeline
-    from stream.publish import Publisher
-    from stream.replay import replay
-    from stream.source import ZmqSource
-    from stream.synth import synthetic_frames
-    from txmlive.ports import free_tcp_url
+    """The whole loop on the simulated beamline (see :mod:`txmlive.demo`)."""
+    from txmlive.demo import run_demo
 
-    warmup()
-    frames_url, results_url, preview_url = free_tcp_url(), free_tcp_url(), free_tcp_url()
-    n_data = int(args.duration * args.fps)
-    frames = synthetic_frames((args.size, args.size), n_data, seed=args.seed)
-    stop = _stop_on_signals()
-    sender = threading.Thread(
-        target=replay, args=(frames, frames_url), kwargs={"fps": args.fps, "stop": stop},
-        name="demo-sender", daemon=True)
-    source = ZmqSource(frames_url, socket_type="pull", rcvhwm=config.ingest.rcvhwm)
-    pipeline = Pipeline(source, Publisher(results_url, preview_url), config,
-                        metrics=_metrics_engine(config),
-                        on_status=lambda s: print(status_line(s), file=sys.stderr, flush=True))
-    print(f"demo: {n_data} synthesized {args.size}x{args.size} frames at {args.fps} fps "
-          f"→ {frames_url}; results {results_url}, preview {preview_url}", file=sys.stderr)
-    sender.start()
-    try:
-        summary = pipeline.run(stop)
-    finally:
-        source.close()
-    sender.join(5.0)
-    _print_json(summary) if args.json else print(status_line(
-        dict(pipeline.status(), counters=summary["counters"])), file=sys.stderr)
-    return 1 if summary["errors"] else 0
+    return run_demo(config, headless=args.headless, duration_s=args.duration, out=args.out,
+                    size=args.size, fps=args.fps, as_json=args.json)
 
 
 def _parse_roi(text: str | None) -> list[int] | None:
@@ -450,11 +423,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="previews to wait for before the snapshot (or before closing)")
     p.add_argument("--size", default="1280x800", metavar="WxH", help="canvas size, px")
 
-    p = command("demo", cmd_demo, "stream synthesized frames through the live pipeline")
-    p.add_argument("--duration", type=float, default=10.0, help="seconds of frames")
-    p.add_argument("--fps", type=float, default=50.0, help="frame rate")
-    p.add_argument("--size", type=int, default=1024, help="frame size, px")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the frames")
+    p = command("demo", cmd_demo, "the whole loop on the simulated beamline: sim, pipeline, "
+                                  "viewer; references, shaker, autofocus, beam feedback")
+    p.add_argument("--headless", action="store_true", help="PNG snapshots instead of a window")
+    p.add_argument("--duration", type=float, default=60.0, help="seconds, at least")
+    p.add_argument("--out", metavar="DIR", help="snapshots, logs and config (default: a temp dir)")
+    p.add_argument("--size", type=int, default=512, help="frame size, px")
+    p.add_argument("--fps", type=float, default=20.0, help="frame rate")
     p.add_argument("--json", action="store_true", help="print a JSON summary at exit")
     return parser
 
