@@ -67,6 +67,10 @@ SUBSCRIBE_WAIT_S = 0.5
 READY_TIMEOUT_S = 180.0
 """How long a pipeline process may take to bind its sockets (imports, numba cache loads)."""
 
+WARMUP_QUIET_S = 15.0
+"""How long the first (warm-up) series may go without a result before its results are given
+up on: first-call costs (numba cache loads, FFT plans, the baseline's references)."""
+
 MAX_UNIQUE_FRAMES = 64
 """At most this many data frames of a recorded series are held in memory and cycled."""
 
@@ -512,12 +516,13 @@ def counters_of(summary: dict[str, Any]) -> dict[str, Any]:
 
 def send_and_collect(sender: Sender, results: ResultCollector, *, fps: float, n_data: int,
                      series: str, with_refs: bool, send_end: bool,
-                     quiet_s: float = 1.0) -> tuple[dict[str, Any], list[dict[str, Any]], range]:
+                     quiet_s: float = 2.0) -> tuple[dict[str, Any], list[dict[str, Any]], range]:
     """Replay one series and gather its results.
 
     Returns once the sender is done and either every data frame of ``series`` has a result or
     none of its results arrived for ``quiet_s`` (a consumer still working through a backlog
-    keeps it waiting; results of other series are discarded).
+    keeps it waiting; results of other series are discarded). Give a first series a long
+    ``quiet_s``: a fresh process may spend seconds on first-call costs before its first result.
 
     Returns
     -------
@@ -579,7 +584,7 @@ def measure_latency(target: str, source: FrameSource, *, fps: float, frames: int
             time.sleep(SUBSCRIBE_WAIT_S)
             _, warm, warm_seqs = send_and_collect(sender, results, fps=fps, n_data=warmup,
                                                   series="warmup", with_refs=True,
-                                                  send_end=False)
+                                                  send_end=False, quiet_s=WARMUP_QUIET_S)
             sent, measured, data_seqs = send_and_collect(
                 sender, results, fps=fps, n_data=frames, series="latency", with_refs=False,
                 send_end=True)

@@ -42,6 +42,7 @@ from bench.latency import (
     OUT_DIR,
     SUBSCRIBE_WAIT_S,
     TARGETS,
+    WARMUP_QUIET_S,
     FrameSource,
     PipelineProcess,
     ResultCollector,
@@ -188,7 +189,8 @@ def search_size(target: str, size: int, *, trial_s: float, min_frames: int, tole
             warm_fps = max(fps / 4.0, FPS_LIMITS[0])
             n_warm = max(min_frames, round(warm_fps * trial_s))
             sent, warm, seqs = send_and_collect(sender, results, fps=warm_fps, n_data=n_warm,
-                                                series="warmup", with_refs=True, send_end=False)
+                                                series="warmup", with_refs=True, send_end=False,
+                                                quiet_s=WARMUP_QUIET_S)
             stats = analyze(warm, seqs, per_frame=False)
             warmup = evaluate(warm_fps, n_warm, sent, stats, {}, latency_periods=latency_periods,
                               latency_floor_ms=latency_floor_ms)
