@@ -28,7 +28,7 @@ import numpy as np
 from stream.beam import bin_image
 from stream.correct import Corrector, Processed, References
 from stream.frame import Frame
-from stream.metrics import EXPENSIVE_KEYS, roi_slices
+from stream.metrics import METRIC_KEYS, roi_slices
 from stream.publish import MESSAGE_VERSION, Publisher
 from stream.queues import BoundedQueue, Closed
 from stream.recorder import Recorder, RecorderError
@@ -38,8 +38,6 @@ if TYPE_CHECKING:
     from stream.metrics import MetricsEngine
 
 log = logging.getLogger(__name__)
-
-STAGES = ("recv", "dequeue", "correct", "average", "metrics", "publish")
 
 
 def percentiles_ms(values: list[float] | np.ndarray) -> dict[str, float | None]:
@@ -88,20 +86,21 @@ class _PreviewBuffers:
             self._free[image.shape].append(image)
 
 
-class _RoiHandoff:
-    """The newest frame's ROI, copied into one of a few reused buffers.
+class _NewestFrame:
+    """The newest data frame's raw image and a copy of its ROI, for the metrics stage.
 
-    The processing thread offers every frame's ROI; the metrics stage takes it only if it is
-    still the newest when that frame's result comes up, so at most two ROI copies are alive
-    and nothing is allocated per frame in the steady state.
+    The processing thread offers every frame; the stage takes it only if it is still the
+    newest when that frame's result comes up. The raw image is the received buffer itself (a
+    reference keeps it alive, no copy); the ROI of the corrected image is copied into one of a
+    few reused buffers because the corrected image's buffer is reused for the next frame.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._newest: tuple[int, np.ndarray, float | None] | None = None
+        self._newest: tuple[int, np.ndarray, np.ndarray, float | None] | None = None
         self._free: list[np.ndarray] = []
 
-    def offer(self, seq: int, roi: np.ndarray, pixel_nm: float | None) -> None:
+    def offer(self, seq: int, raw: np.ndarray, roi: np.ndarray, pixel_nm: float | None) -> None:
         with self._lock:
             buf = self._free.pop() if self._free else None
         if buf is None or buf.shape != roi.shape or buf.dtype != roi.dtype:
@@ -109,17 +108,17 @@ class _RoiHandoff:
         np.copyto(buf, roi)
         with self._lock:
             if self._newest is not None:
-                self._free.append(self._newest[1])
-            self._newest = (seq, buf, pixel_nm)
+                self._free.append(self._newest[2])
+            self._newest = (seq, raw, buf, pixel_nm)
 
-    def take(self, seq: int) -> tuple[np.ndarray, float | None] | None:
-        """The ROI of frame ``seq`` if it is the newest offered, else None."""
+    def take(self, seq: int) -> tuple[np.ndarray, np.ndarray, float | None] | None:
+        """(raw, ROI copy, pixel size) of frame ``seq`` if it is the newest offered."""
         with self._lock:
             if self._newest is None or self._newest[0] != seq:
                 return None
-            _, buf, pixel_nm = self._newest
+            _, raw, buf, pixel_nm = self._newest
             self._newest = None
-            return buf, pixel_nm
+            return raw, buf, pixel_nm
 
     def give_back(self, buf: np.ndarray) -> None:
         with self._lock:
@@ -127,24 +126,31 @@ class _RoiHandoff:
 
 
 class _MetricsStage:
-    """ROI metrics (focus, shift, PSD) between processing and publishing, in frame order.
+    """All metrics, between processing and publishing, in frame order, off the hot path.
 
-    Results pass through this thread in order. A result whose frame's ROI is still the newest
-    gets its own ROI metrics (``metrics_seq == seq``); when the stage is behind, the older
-    results pass at once with the last measured values and say which frame those describe
-    (``metrics_seq``, ``metrics_t_ns``), so the stage catches up on the newest frame and the
-    processing thread never waits for it.
+    Results pass through this thread in order. A data result whose frame is still the newest
+    gets its own metrics (``metrics_seq == seq``): frame-wide beam metrics on the raw frame
+    (:meth:`MetricsEngine.cheap`) and ROI metrics on the corrected ROI
+    (:meth:`MetricsEngine.expensive_roi`). When the stage is behind, the older results pass at
+    once with the last measured values and say which frame those describe (``metrics_seq``,
+    ``metrics_t_ns``), so the stage catches up on the newest frame and the processing thread
+    never waits for it. Dark/flat results get the raw frame-wide metrics of their own frame
+    (each flat counts for shaker tuning) unless the stage is behind.
     """
+
+    BEHIND = 2
+    """Queued results beyond which a reference frame's metrics are skipped."""
 
     def __init__(self, engine: MetricsEngine, publisher: Publisher):
         self._engine = engine
         self._publisher = publisher
-        self.rois = _RoiHandoff()
-        self.results: BoundedQueue[dict[str, Any]] = BoundedQueue(100_000, "block")
+        self.newest = _NewestFrame()
+        self.results: BoundedQueue[tuple[dict[str, Any], Frame | None]] = BoundedQueue(
+            100_000, "block")
         self._lock = threading.Lock()
-        # Until the first measurement every ROI metric reads None ("not available").
+        # Until the first measurement every metric reads None ("not available").
         self._latest: tuple[int | None, int | None, dict[str, Any], dict[str, Any] | None] = (
-            None, None, dict.fromkeys(EXPENSIVE_KEYS), None)
+            None, None, dict.fromkeys(METRIC_KEYS), None)
         self._thread = threading.Thread(target=self._run, name="txmlive-metrics", daemon=True)
         self.computed = 0
         self.skipped = 0
@@ -154,47 +160,62 @@ class _MetricsStage:
         self._thread.start()
 
     def latest(self) -> tuple[int | None, dict[str, Any], dict[str, Any] | None]:
-        """(seq described, ROI metrics, radial PSD curve) of the newest measurement."""
+        """(seq described, metrics, radial PSD curve) of the newest measurement."""
         with self._lock:
             seq, _, values, curve = self._latest
             return seq, values, curve
 
     def _measure(self, result: dict[str, Any]) -> None:
-        item = self.rois.take(result["seq"])
+        item = self.newest.take(result["seq"])
         if item is None:
             self.skipped += 1
             return
-        roi, pixel_nm = item
+        raw, roi, pixel_nm = item
         try:
-            values = self._engine.expensive_roi(roi, pixel_nm, with_curve=True)
+            values = self._engine.cheap(raw, pixel_nm)
+            values.update(self._engine.expensive_roi(roi, pixel_nm, with_curve=True))
         except Exception:  # a metric failure must never stop the pipeline
-            log.exception("ROI metrics failed on frame %d", result["seq"])
+            log.exception("metrics failed on frame %d", result["seq"])
             self.errors += 1
             return
         finally:
-            self.rois.give_back(roi)
+            self.newest.give_back(roi)
         curve = values.pop("psd_curve")
         with self._lock:
             self._latest = (result["seq"], result["t_ns"], values, curve)
         self.computed += 1
 
+    def _measure_reference(self, result: dict[str, Any], frame: Frame) -> None:
+        if len(self.results) > self.BEHIND:
+            result["flags"].append("metrics skipped: the metrics stage is behind")
+            self.skipped += 1
+            return
+        try:
+            result["metrics"] = self._engine.cheap(frame.image, result["pixel_nm"])
+        except Exception:
+            log.exception("metrics failed on %s frame %d", frame.kind, frame.seq)
+            self.errors += 1
+            return
+        result["metrics_seq"], result["metrics_t_ns"] = result["seq"], result["t_ns"]
+
     def _run(self) -> None:
         while True:
             try:
-                result = self.results.get(timeout=0.1)
+                item = self.results.get(timeout=0.1)
             except Closed:
                 break
-            if result is None:
+            if item is None:
                 continue
-            if result["kind"] != "data":  # reference frames carry no ROI metrics
-                self._publisher.results.put(result)
-                continue
-            self._measure(result)
-            with self._lock:
-                seq, t_ns, values, _ = self._latest
-            result["metrics"].update(values)
-            result["metrics_seq"], result["metrics_t_ns"] = seq, t_ns
-            result["stamps"]["roi_metrics"] = time.monotonic_ns()
+            result, frame = item
+            if frame is not None:
+                self._measure_reference(result, frame)
+            else:
+                self._measure(result)
+                with self._lock:
+                    seq, t_ns, values, _ = self._latest
+                result["metrics"].update(values)
+                result["metrics_seq"], result["metrics_t_ns"] = seq, t_ns
+            result["stamps"]["metrics"] = time.monotonic_ns()
             self._publisher.results.put(result)
 
     def close(self, timeout: float = 10.0) -> None:
@@ -376,29 +397,12 @@ class Pipeline:
             "stamps": dict(frame.stamps),
         }
 
-    def _beam_metrics(self, frame: Frame, pixel_nm: float | None,
-                      flags: list[str]) -> dict[str, Any]:
-        """Frame-wide metrics of the RAW frame: the illumination the beam and shaker loops act
-        on (flat correction would divide it out). For a block, the raw of its last frame."""
-        if self.metrics is None:
-            return {}
-        try:
-            return self.metrics.cheap(frame.image, pixel_nm)
-        except ValueError as exc:
-            flags.append(f"no metrics: {exc}")
-            self.counters["metrics_errors"] += 1
-            return {}
-
     def _emit_reference(self, frame: Frame) -> None:
-        """A result for a dark or flat frame: its raw frame-wide metrics (flat uniformity for
-        shaker tuning, counts for beam checks), no correction, no ROI metrics."""
-        pixel_nm = self._pixel_nm(frame)
-        flags: list[str] = []
-        metrics = self._beam_metrics(frame, pixel_nm, flags)
-        frame.stamp("metrics")
-        result = self._result(frame, pixel_nm, metrics, flags)
+        """A result for a dark or flat frame: the metrics stage adds its raw frame-wide
+        metrics (flat uniformity for shaker tuning, counts for beam checks)."""
+        result = self._result(frame, self._pixel_nm(frame), {}, [])
         if self._stage is not None:  # through the stage, so results stay in frame order
-            self._stage.results.put(result)
+            self._stage.results.put((result, frame))
         else:
             self.publisher.results.put(result)
 
@@ -406,26 +410,26 @@ class Pipeline:
         frame = block.frame
         pixel_nm = self._pixel_nm(frame)
         flags = list(block.flags)
-        metrics = self._beam_metrics(frame, pixel_nm, flags)
-        if self.metrics is not None:
+        if self._stage is not None:
             try:
                 roi = self.metrics.roi_view(block.image)
             except ValueError as exc:  # e.g. a frame smaller than the configured ROI
                 flags.append(f"no metrics: {exc}")
                 self.counters["metrics_errors"] += 1
             else:
-                self._stage.rois.offer(block.seq_last, roi, pixel_nm)
-        frame.stamp("metrics")
-        result = self._result(frame, pixel_nm, metrics, flags, seq_first=block.seq_first,
+                # Beam metrics use the RAW frame: flat correction would divide out the
+                # illumination the beam and shaker loops act on (for a block: its last frame).
+                self._stage.newest.offer(block.seq_last, frame.image, roi, pixel_nm)
+        result = self._result(frame, pixel_nm, {}, flags, seq_first=block.seq_first,
                               seq_last=block.seq_last, n_frames=block.n_frames,
                               corrected=block.corrected, reference_id=block.reference_id)
         self.counters["results"] += 1
         self._t_last = time.monotonic()
-        # The preview is built now, from the newest ROI metrics; the result goes on to the
-        # metrics stage, which may still add to it, so it is not touched here afterwards.
+        # The preview is built now, from the newest metrics; the result goes on to the metrics
+        # stage, which adds to it, so it is not touched here afterwards.
         self._maybe_preview(block, result, pixel_nm)
         if self._stage is not None:
-            self._stage.results.put(result)
+            self._stage.results.put((result, None))
         else:
             self.publisher.results.put(result)
         if self.recorder is not None:
@@ -464,11 +468,11 @@ class Pipeline:
             return
         bin_image(block.image, factor, out=buf)
         self._next_preview = now + 1.0 / rate
-        metrics = dict(result["metrics"])
+        metrics: dict[str, Any] = {}
         curve = None
         if self._stage is not None:
-            metrics_seq, roi_metrics, curve = self._stage.latest()
-            metrics.update(roi_metrics, metrics_seq=metrics_seq)
+            metrics_seq, values, curve = self._stage.latest()
+            metrics.update(values, metrics_seq=metrics_seq)
         if curve is not None:
             metrics.update(psd_freqs_per_um=curve["freqs_per_um"], psd=curve["psd"],
                            psd_floor=curve["floor"])
