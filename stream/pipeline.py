@@ -435,7 +435,10 @@ class Pipeline:
         if self.recorder is not None:
             self._record(block)
         if self.on_result is not None:
-            self.on_result(result, block)
+            try:
+                self.on_result(result, block)
+            except Exception:  # a consumer's bug must not stop processing
+                log.exception("on_result callback failed")
 
     def _record(self, block: Processed) -> None:
         frame = block.frame
