@@ -110,7 +110,7 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
                             warn_backlog_frames=config.recorder.warn_backlog_frames,
                             attrs={"mode": "processed", "config": render_config(config)})
         recorder.start()
-    pv_server = None
+    pv_server = feedback = None
     if config.epics.pv_server and not args.no_pv:
         from hw.pvserver import PvServer
 
@@ -119,6 +119,9 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
                              max_rate_hz=config.epics.pv_max_rate_hz)
         pv_server.start()
         publisher.add_listener(pv_server.update)
+        from txmlive.feedback_cli import start_runtime
+
+        feedback = start_runtime(config, pv_server, publisher)
 
     def on_status(status: dict[str, Any]) -> None:
         print(status_line(status), file=sys.stderr, flush=True)
@@ -135,6 +138,8 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
         summary = pipeline.run(stop)
     finally:
         source.close()
+        if feedback is not None:
+            feedback.stop()
         if pv_server is not None:
             pv_server.stop()
     if args.json:
@@ -431,6 +436,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=512, help="frame size, px")
     p.add_argument("--fps", type=float, default=20.0, help="frame rate")
     p.add_argument("--json", action="store_true", help="print a JSON summary at exit")
+
+    from txmlive.feedback_cli import add_commands
+
+    add_commands(sub, command)
     return parser
 
 

@@ -153,6 +153,80 @@ class Sim:
 
 
 @dataclass
+class Feedback:
+    """Feedback procedures and loops (autofocus, energy scan, shaker tuning, beam position)."""
+
+    dry_run: bool = _opt(False, "compute and log every move without putting it")
+    max_step: dict[str, float] = _opt(
+        {"zp_z_um": 200.0, "energy_ev": 50.0, "shaker_amp_um": 20.0, "shaker_freq_hz": 100.0,
+         "beam_x": 2.5, "beam_y": 2.5},
+        "largest step of one move per motor role, in the role's unit (a role not listed is "
+        "never moved)")
+    tolerance: dict[str, float] = _opt(
+        {"zp_z_um": 0.1, "energy_ev": 0.1, "shaker_amp_um": 0.05, "shaker_freq_hz": 0.01,
+         "beam_x": 0.01, "beam_y": 0.01},
+        "readback tolerance per role: a move is done, and a frame taken at the commanded "
+        "position, within it")
+    soft_limits: dict[str, list[float]] = _opt(
+        {}, "[low, high] per role, within the motor record's own .LLM/.HLM (a role not "
+            "listed: the record's limits)")
+    acquire_timeout_s: float = _opt(10.0, "longest wait for the frames of one acquisition, s",
+                                    min_value=0.1)
+    stale_after_s: float = _opt(2.0, "the results stream is stale after this long without a "
+                                     "result, s", min_value=0.1)
+    move_settle_s: float = _opt(5.0, "time a move may take beyond distance / velocity, s",
+                                min_value=0.1)
+    min_mean_counts: float = _opt(
+        0.0, "frames at or below this mean count are beam loss (set it above the camera's "
+             "dark level)")
+    zp_diameter_um: float = _opt(125.0, "zone-plate diameter, um", min_value=1e-3)
+    zp_dr_nm: float = _opt(25.0, "zone-plate outermost zone width, nm", min_value=1e-3)
+    sample_detector_mm: float = _opt(700.0, "sample-detector distance, mm", min_value=1e-3)
+    af_score: str = _opt("band_power", "autofocus score (a metric, larger is sharper)",
+                         choices=("band_power", "cutoff_per_um", "normalized_variance",
+                                  "brenner", "tenengrad", "vollath_f4"))
+    af_half_range_dof: float = _opt(3.0, "autofocus coarse range, +- this many depths of focus",
+                                    min_value=0.1)
+    af_coarse_points: int = _opt(7, "autofocus coarse positions", min_value=5)
+    af_refine_points: int = _opt(5, "autofocus refinement positions", min_value=3)
+    af_frames_per_point: int = _opt(1, "frames per coarse position", min_value=1)
+    af_max_frames_per_point: int = _opt(8, "most frames per position at low dose",
+                                        min_value=1)
+    af_backlash_um: float = _opt(0.0, "approach every sweep from this far below, um (0 = off)",
+                                 min_value=0)
+    focus_model: str = _opt("thin_lens", "ZP focus vs energy model of the energy scan",
+                            choices=("thin_lens", "linear"))
+    focus_points: list[float] = _opt(
+        [], "in-focus points as flat pairs [E1_ev, z1_um, E2_ev, z2_um, ...]; fewer than two: "
+            "the nominal thin lens through the scan's start, confirmed by a refocus there")
+    scan_frames_per_step: int = _opt(1, "frames whose focus score is checked per energy step",
+                                     min_value=1)
+    scan_drop_fraction: float = _opt(0.3, "refocus when the score drops by this fraction",
+                                     min_value=0.01)
+    shaker_target_cv: float = _opt(0.02, "flat-field uniformity target (coefficient of "
+                                         "variation)", min_value=1e-4)
+    shaker_amplitudes: int = _opt(12, "amplitudes in the shaker's upward scan", min_value=3)
+    shaker_flat_frames: int = _opt(2, "flat frames averaged per amplitude", min_value=1)
+    shaker_measure_na_fill: bool = _opt(True, "also judge the NA fill (needs [metrics] dr_nm)")
+    beam_response: list[float] = _opt(
+        [], "steering response [dx/dux, dx/duy, dy/dux, dy/duy], px per motor unit; [] = "
+            "calibrate when the beam loop is enabled")
+    beam_response_pixel_nm: float = _opt(0.0, "pixel size of beam_response, nm (0 = never "
+                                              "rescaled with energy)", min_value=0)
+    beam_setpoints: list[float] = _opt(
+        [], "centroid setpoints as flat triples [E_ev, x_px, y_px, ...] in full-frame px (as "
+            "BEAM:X_PX); [] = hold the centroid found when the loop is enabled")
+    beam_integral_gain: float = _opt(0.7, "beam loop integral gain (0 < Ki <= 1)",
+                                     min_value=1e-3)
+    beam_proportional_gain: float = _opt(0.1, "beam loop proportional gain", min_value=0)
+    beam_deadband_px: float = _opt(0.3, "no steering while the centroid error is below this, "
+                                        "px", min_value=0)
+    beam_calibration_step: float = _opt(1.0, "steering step of the response calibration, "
+                                             "motor units", min_value=1e-6)
+    beam_calibration_frames: int = _opt(3, "frames per calibration point", min_value=1)
+
+
+@dataclass
 class Config:
     """The whole configuration, one attribute per TOML section."""
 
@@ -167,6 +241,7 @@ class Config:
     epics: Epics = field(default_factory=Epics)
     motors: dict[str, str] = field(default_factory=lambda: dict(MOTOR_ROLES))
     sim: Sim = field(default_factory=Sim)
+    feedback: Feedback = field(default_factory=Feedback)
 
 
 def _check_value(section: str, f: dataclasses.Field, typ: Any, value: Any) -> Any:
