@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -426,10 +427,23 @@ def _l3_cache() -> str | None:
     return path.read_text().strip() if path.exists() else None
 
 
+def code_version() -> str | None:
+    """``git describe --always --dirty`` of the checkout the benchmarks run from, or None."""
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
+                             text=True, timeout=10, cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
+
+
 def machine_facts() -> dict:
-    """What the numbers depend on: CPU, cores, library versions, load at the start."""
+    """What the numbers depend on: CPU, cores, library versions, code version, load at start."""
     affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     return {
+        "code": code_version(),
         "cpu": _cpu_model(), "l3_cache": _l3_cache(), "cpu_count": os.cpu_count(),
         "usable_cores": len(affinity) if affinity is not None else None,
         "platform": platform.platform(), "python": sys.version.split()[0],

@@ -7,10 +7,12 @@ recorded series (``--input``, its data frames cycled as often as needed) or synt
 results. Then it does the same with the baseline (:mod:`bench.baseline`).
 
 Per frame it measures, from the frame's ``t_ns`` (stamped by the sender when the frame goes on
-the wire) to its Result: ``receive`` (``t_ns`` → ``recv``), ``queue`` (→ ``dequeue``),
-``correct``, ``average``, ``metrics``, ``roi_metrics`` (the in-order ROI metrics stage),
-``publish`` and ``end_to_end``; each as p50/p90/p99/max over the measured frames (the first
-``--warmup-frames`` are reported apart: they pay first-call costs). ``t_ns`` is wall-clock and
+the wire) to its Result, each stage the pipeline stamps: ``receive`` (``t_ns`` → ``recv``),
+``queue`` (→ ``dequeue``), ``correct``, ``average``, ``metrics`` (→ the in-order metrics stage
+is done with it), ``roi_metrics`` (only from a pipeline that stamps its ROI metrics apart),
+``publish``, and ``end_to_end``; each as p50/p90/p99/max over the measured frames (the
+``--warmup-frames`` go first, as their own series, and are reported apart: they pay first-call
+costs). ``t_ns`` is wall-clock and
 the stamps are monotonic; the offset between the two clocks is the median over the results of
 ``t_ns + latency_ms·1e6 − stamps.publish`` (``latency_ms`` is wall-clock ``t_ns`` → publish,
 taken next to the ``publish`` stamp). Frames dropped, rejected, sequence gaps and results that
@@ -19,8 +21,8 @@ never arrived come from the run's summary and the results themselves.
 This module also holds the harness :mod:`bench.throughput` builds on: :class:`Sender` (frames
 prepared once in a spawned process, so pacing never shares the harness's GIL),
 :class:`PipelineProcess` (``txmlive run`` or the baseline as a subprocess) and
-:class:`ResultCollector` (a SUB socket on its own thread that stores raw messages; decoding
-waits until the run is over, to keep the harness light on a 2-core machine).
+:class:`ResultCollector` (a SUB socket on its own thread that only stores raw messages; the
+main thread decodes them in batches, keeping the harness light on a 2-core machine).
 """
 
 from __future__ import annotations
@@ -461,8 +463,10 @@ def analyze(results: list[dict[str, Any]], data_seqs: range, *,
     -------
     dict
         ``results``, ``missing_results`` (data frames no result accounts for),
-        ``end_to_end_ms`` and ``stages_ms`` (name → p50/p90/p99/max), ``roi_metrics_fraction``
-        (share of results with their own ROI metrics; None for the baseline),
+        ``end_to_end_ms`` and ``stages_ms`` (name → p50/p90/p99/max), ``own_metrics_fraction``
+        (share of results whose metrics describe their own frame, ``metrics_seq == seq``: the
+        pipeline's metrics stage measures the newest frame when behind; None for the
+        baseline, which measures every frame),
         ``clock_offset_jitter_ms`` (p99 − p1 of the per-result clock offsets: how exactly the
         stages add up to end-to-end), ``counters_last`` (the counters the last result carried)
         and, with ``per_frame``, ``per_frame`` (``seq``, ``t_s`` of the publish from the
@@ -474,7 +478,7 @@ def analyze(results: list[dict[str, Any]], data_seqs: range, *,
         "missing_results": len(set(data_seqs) - covered_seqs(measured)),
     }
     if not measured:
-        out.update(end_to_end_ms=percentiles_ms([]), stages_ms={}, roi_metrics_fraction=None,
+        out.update(end_to_end_ms=percentiles_ms([]), stages_ms={}, own_metrics_fraction=None,
                    clock_offset_jitter_ms=None, counters_last={})
         if per_frame:
             out["per_frame"] = {}
@@ -484,13 +488,13 @@ def analyze(results: list[dict[str, Any]], data_seqs: range, *,
                         for r in measured], dtype=np.float64)
     times = [stage_times_ms(r, offset) for r in measured]
     present = [name for name in STAGE_NAMES if any(name in t for t in times)]
-    has_roi = [r for r in measured if "metrics_seq" in r]
+    has_seq = [r for r in measured if "metrics_seq" in r]
     out.update(
         end_to_end_ms=percentiles_ms([r["latency_ms"] for r in measured]),
         stages_ms={name: percentiles_ms([t[name] for t in times if name in t])
                    for name in present},
-        roi_metrics_fraction=(sum(r["metrics_seq"] == r["seq"] for r in has_roi) / len(has_roi)
-                              if has_roi else None),
+        own_metrics_fraction=(sum(r["metrics_seq"] == r["seq"] for r in has_seq) / len(has_seq)
+                              if has_seq else None),
         clock_offset_jitter_ms=float(np.subtract(*np.percentile(offsets, [99, 1])) / 1e6),
         counters_last=dict(measured[-1].get("counters", {})),
     )
@@ -529,7 +533,8 @@ def send_and_collect(sender: Sender, results: ResultCollector, *, fps: float, n_
     sent : dict
         The replay summary.
     results : list of dict
-        Decoded results of ``series``.
+        Decoded results of the data frames of ``series`` (results for references, which a
+        pipeline may publish too, are left out).
     data_seqs : range
         ``seq`` of its data frames.
     """
@@ -542,8 +547,10 @@ def send_and_collect(sender: Sender, results: ResultCollector, *, fps: float, n_
     quiet_s = max(quiet_s, 3.0 / fps)
     last_new = time.monotonic()
     deadline = last_new + timeout_s
+    data_seqs = range(first, first + n_data)
     while len(got) < n_data and time.monotonic() < deadline:
-        batch = [r for r in decode_results(results.take()) if r.get("series") == series]
+        batch = [r for r in decode_results(results.take())
+                 if r.get("series") == series and r["seq_last"] in data_seqs]
         if batch:
             got.extend(batch)
             last_new = time.monotonic()
@@ -552,7 +559,7 @@ def send_and_collect(sender: Sender, results: ResultCollector, *, fps: float, n_
         else:
             time.sleep(0.02)
     got.sort(key=lambda r: r["seq"])
-    return sent, got, range(first, first + n_data)
+    return sent, got, data_seqs
 
 
 def measure_latency(target: str, source: FrameSource, *, fps: float, frames: int,
@@ -721,22 +728,22 @@ def plot_latency(report: dict[str, Any], path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     run = report["runs"][0]
+    names = [*STAGE_NAMES, "end_to_end_ms"]
     fig, (ax_dist, ax_time) = plt.subplots(1, 2, figsize=(13, 4.8))
-    for target, color in (("product", "tab:blue"), ("baseline", "tab:orange")):
+    for target, color, shift in (("product", "tab:blue", -0.2), ("baseline", "tab:orange", 0.2)):
         per_frame = run.get(target, {}).get("per_frame")
         if not per_frame:
             continue
-        names = [n for n in (*STAGE_NAMES, "end_to_end_ms") if n in per_frame]
-        data = [[v for v in per_frame[n] if v is not None] for n in names]
-        offset = -0.2 if target == "product" else 0.2
-        parts = ax_dist.boxplot(data, positions=np.arange(len(names)) + offset, widths=0.35,
+        at = [i for i, name in enumerate(names) if name in per_frame]
+        data = [[v for v in per_frame[names[i]] if v is not None] for i in at]
+        parts = ax_dist.boxplot(data, positions=np.array(at) + shift, widths=0.35,
                                 whis=(1, 99), showfliers=False, patch_artist=True)
         for box in parts["boxes"]:
             box.set_facecolor(color)
-        ax_dist.set_xticks(np.arange(len(names)),
-                           [n.replace("_ms", "") for n in names], rotation=30)
         ax_time.plot(per_frame["t_s"], per_frame["end_to_end_ms"], ".", ms=2, color=color,
                      label=target)
+    ax_dist.set_xticks(np.arange(len(names)), [n.removesuffix("_ms") for n in names],
+                       rotation=30)
     ax_dist.set_yscale("log")
     ax_dist.set_ylabel("latency, ms (box p25-p75, whiskers p1-p99)")
     ax_dist.set_title("per-stage latency (blue product, orange baseline)")

@@ -100,7 +100,7 @@ def machine_section(reports: dict[str, list[tuple[Path, dict[str, Any]]]]) -> li
         end = (m.get("load_average_end") or [None])[0]
         busy = busy or (start is not None and start >= 0.5 * (m.get("usable_cores") or 1))
         lines.append(f"- `{path.name}` ({kind}): {r.get('started', 'time not recorded')}, "
-                     f"load {_f(start)} → {_f(end)}")
+                     f"code {m.get('code') or 'unknown'}, load {_f(start)} → {_f(end)}")
     if busy:
         lines += ["", "**Other work was running** when at least one of these started (load "
                   "≥ half the cores before the benchmark's own processes): its numbers are "
@@ -207,9 +207,11 @@ def latency_section(items: list[tuple[Path, dict[str, Any]]]) -> tuple[list[str]
              "over TCP loopback by a separate sender process at a fixed rate. Stages: receive "
              "(`t_ns` → receiver thread has the decoded frame: ZMQ/TCP transfer and any "
              "backlog in the socket buffers), queue (→ the processing thread takes it), "
-             "correct, average, metrics (per-frame beam metrics), roi_metrics (the in-order "
-             "ROI metrics stage: focus, shift, PSD), publish. The baseline has receive, "
-             "correct, metrics (its PSD) and publish only. Percentiles are over the measured "
+             "correct, average, metrics (→ the pipeline's in-order metrics stage is done with "
+             "it: beam metrics and the ROI's focus, shift and PSD, measured on the newest "
+             "frame when behind), roi_metrics (only from a pipeline that stamps the ROI "
+             "metrics apart), publish. The baseline has receive, correct, metrics (its PSD) "
+             "and publish only. Percentiles are over the measured "
              "frames of a run, then the median over runs; warm-up frames (first-call costs) "
              "are reported apart.", ""]
     target_rows = []
@@ -325,23 +327,19 @@ def throughput_section(items: list[tuple[Path, dict[str, Any]]]) -> tuple[list[s
                      _f(b.get("ns_per_px")), _f(row.get("product_over_baseline"), ".1f")])
     lines += _table(["frame", "product fps", "ns/px", "ns/px vs smallest", "baseline fps",
                      "ns/px", "product / baseline"], rows)
-    lines += ["", "Per-stage medians (ms) at the highest sustained rate (first run); "
-              "`roi share` is the share of results whose ROI metrics (PSD, focus, shift) were "
-              "computed on that very frame (the stage measures the newest frame when behind):",
-              ""]
-    stage_rows = []
-    for target in ("product", "baseline"):
-        for size in sizes:
-            found = runs[0].get(target, {}).get(str(size))
-            at = found.get("at_max") if found else None
-            if not at:
-                continue
-            st = at["stages_p50_ms"]
-            stage_rows.append([f"{target} {size}²", _f(at["fps"], ".1f"),
-                               *(_f(st.get(n)) for n in STAGE_NAMES),
-                               _f(at["end_to_end_ms"]["p99"]),
-                               _f(at["roi_metrics_fraction"], ".0%")])
-    lines += _table(["run", "fps", *STAGE_NAMES, "e2e p99", "roi share"], stage_rows)
+    lines += ["", "Per-stage medians (ms) at the highest sustained rate (first run); `own "
+              "metrics` is the share of results whose metrics were measured on that very frame "
+              "(the pipeline's metrics stage measures the newest frame when behind; the "
+              "baseline measures every frame):", ""]
+    best = [(target, size, found["at_max"]) for target in ("product", "baseline")
+            for size in sizes if (found := runs[0].get(target, {}).get(str(size)))
+            and found.get("at_max")]
+    names = [n for n in STAGE_NAMES if any(n in at["stages_p50_ms"] for _, _, at in best)]
+    stage_rows = [[f"{target} {size}²", _f(at["fps"], ".1f"),
+                   *(_f(at["stages_p50_ms"].get(n)) for n in names),
+                   _f(at["end_to_end_ms"]["p99"]), _f(at.get("own_metrics_fraction"), ".0%")]
+                  for target, size, at in best]
+    lines += _table(["run", "fps", *names, "e2e p99", "own metrics"], stage_rows)
     lines += ["", "Each search, trial by trial (fps asked → verdict; first run):", ""]
     for target in ("product", "baseline"):
         for size in sizes:
@@ -391,9 +389,11 @@ def plots_section(reports: dict[str, list[tuple[Path, dict[str, Any]]]], plots_d
     from bench.throughput import plot_throughput
 
     drawn = []
-    if reports["latency"]:
-        drawn.append(("latency: per-stage distribution and end-to-end over time",
-                      plot_latency(reports["latency"][-1][1], plots_dir / "latency.png")))
+    for path, report in reports["latency"]:
+        s = report["settings"]
+        png = plot_latency(report, plots_dir / f"{path.stem}.png")
+        drawn.append((f"latency, {s['source']} at {s['fps']:g} fps: per-stage distribution and "
+                      f"end-to-end over time", png))
     if reports["throughput"]:
         runs = [run for _, r in reports["throughput"] for run in r["runs"]]
         sizes = sorted({int(s) for run in runs for t in run.values() for s in t})

@@ -122,7 +122,7 @@ def evaluate(fps: float, n_data: int, sent: dict[str, Any], stats: dict[str, Any
     -------
     dict
         ``fps``, ``frames``, ``sender_fps``, ``sender_max_lag_s``, ``missing_results``,
-        ``dropped``, ``gaps``, ``end_to_end_ms``, ``stages_p50_ms``, ``roi_metrics_fraction``,
+        ``dropped``, ``gaps``, ``end_to_end_ms``, ``stages_p50_ms``, ``own_metrics_fraction``,
         ``latency_limit_ms``, ``sustained`` and ``reasons`` (why not, empty when sustained).
     """
     after = stats["counters_last"] or before
@@ -146,7 +146,7 @@ def evaluate(fps: float, n_data: int, sent: dict[str, Any], stats: dict[str, Any
         "sender_max_lag_s": sent["max_lag_s"], "missing_results": stats["missing_results"],
         "dropped": dropped, "gaps": gaps, "end_to_end_ms": stats["end_to_end_ms"],
         "stages_p50_ms": {k: v["p50"] for k, v in stats["stages_ms"].items()},
-        "roi_metrics_fraction": stats["roi_metrics_fraction"], "latency_limit_ms": limit_ms,
+        "own_metrics_fraction": stats["own_metrics_fraction"], "latency_limit_ms": limit_ms,
         "sustained": not reasons, "reasons": reasons,
     }
 
