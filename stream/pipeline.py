@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +39,9 @@ if TYPE_CHECKING:
     from stream.metrics import MetricsEngine
 
 log = logging.getLogger(__name__)
+
+STATUS_WINDOW_S = 5.0
+"""Live fps and latency percentiles describe the last few seconds, not the whole run."""
 
 
 def percentiles_ms(values: list[float] | np.ndarray) -> dict[str, float | None]:
@@ -277,6 +281,7 @@ class Pipeline:
             "previews": 0, "unprocessed_at_exit": 0, "metrics_errors": 0,
         }
         self._t_first: float | None = None
+        self._result_times: deque[float] = deque(maxlen=4096)
         self._t_last: float | None = None
         self._errors: list[str] = []
 
@@ -425,6 +430,7 @@ class Pipeline:
                               corrected=block.corrected, reference_id=block.reference_id)
         self.counters["results"] += 1
         self._t_last = time.monotonic()
+        self._result_times.append(self._t_last)
         # The preview is built now, from the newest metrics; the result goes on to the metrics
         # stage, which adds to it, so it is not touched here afterwards.
         self._maybe_preview(block, result, pixel_nm)
@@ -495,10 +501,12 @@ class Pipeline:
 
     # -- status and run ---------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
-        """fps over the run so far, latency percentiles of the last 1000 results, counters."""
-        lat = self.publisher.latencies_ms[-1000:]
-        elapsed = (self._t_last or 0) - (self._t_first or 0)
-        fps = self.counters["processed"] / elapsed if elapsed > 0 else 0.0
+        """Live status: fps and latency percentiles over the last :data:`STATUS_WINDOW_S`."""
+        now = time.monotonic()
+        times = [t for t in self._result_times if now - t <= STATUS_WINDOW_S]
+        fps = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0
+        # Latencies of about as many results as the window held (the publisher lags a little).
+        lat = self.publisher.latencies_ms[-max(len(times), 1):]
         return {"fps": fps, "latency_ms": percentiles_ms(lat)}
 
     def run(self, stop: threading.Event | None = None) -> dict[str, Any]:

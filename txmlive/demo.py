@@ -127,6 +127,7 @@ class Demo:
         self.drift_px_per_s = drift_px_per_s
         self.say = say
         self.snapshots: list[str] = []
+        self.af_verdict = ""
         self._stop = threading.Event()
 
     # -- set-up ---------------------------------------------------------------------------
@@ -183,7 +184,9 @@ class Demo:
             return epics.caget(self._pv(name), use_monitor=False, timeout=2)
 
         return {"fps": get("FPS"), "latency_p99_ms": get("LATENCY_P99_MS"),
-                "resolution_nm": get("RESOLUTION_NM"), "af_verdict": get("AF:VERDICT",),
+                "resolution_nm": get("RESOLUTION_NM"),
+                # autofocus ran through the CLI here; AF:VERDICT reports PV-started runs
+                "af_verdict": get("AF:VERDICT") or self.af_verdict,
                 "beam_state": get("BEAMFB:STATE"), "beam_error_px": get("BEAMFB:ERROR_PX"),
                 "processed": get("PROCESSED"), "dropped": get("DROPPED")}
 
@@ -243,6 +246,7 @@ class Demo:
             if autofocus.get("best_z_um") is not None and truth is not None:
                 autofocus["error_um"] = autofocus["best_z_um"] - truth
             summary["autofocus"] = autofocus
+            self.af_verdict = str(autofocus.get("verdict", ""))
             self.say(f"autofocus: {autofocus.get('verdict')} at {autofocus.get('best_z_um')} µm "
                      f"(truth {truth})")
             self.say("beam-position feedback on (BEAMFB:ENABLE)")
