@@ -144,6 +144,19 @@ class FrameTypeControl(Protocol):
         ...
 
 
+def call_ca(name: str, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``func(*args, **kwargs)`` with pyepics' own exceptions (a get on a channel that has just
+    disconnected raises ``ChannelAccessGetFailure``) turned into the ``ConnectionError`` the
+    procedures treat as an IOC disconnect."""
+    import epics.ca
+
+    try:
+        return func(*args, **kwargs)
+    except (epics.ca.ChannelAccessException, epics.ca.ChannelAccessGetFailure,
+            epics.ca.CASeverityException) as exc:
+        raise ConnectionError(f"{name}: {type(exc).__name__}: {exc}") from exc
+
+
 class EpicsFrameType:
     """An areaDetector ``FrameType`` record (``Normal`` / ``Background`` / ``FlatField``).
 
@@ -165,9 +178,12 @@ class EpicsFrameType:
             raise ConnectionError(f"camera frame type {pv_name} did not connect within "
                                   f"{timeout_s:g} s")
 
+    def _ca(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return call_ca(self.pv_name, func, *args, **kwargs)
+
     @property
     def kind(self) -> str:
-        value = self._pv.get(as_string=True, use_monitor=False, timeout=self.timeout_s)
+        value = self._ca(self._pv.get, as_string=True, use_monitor=False, timeout=self.timeout_s)
         if value is None:
             raise ConnectionError(f"no value for {self.pv_name} (disconnected?)")
         for kind, name in AREA_DETECTOR_FRAME_TYPES.items():
@@ -180,7 +196,8 @@ class EpicsFrameType:
         if kind not in AREA_DETECTOR_FRAME_TYPES:
             raise ValueError(f"frame kind must be one of {list(AREA_DETECTOR_FRAME_TYPES)}, "
                              f"got {kind!r}")
-        status = self._pv.put(AREA_DETECTOR_FRAME_TYPES[kind], wait=True, timeout=self.timeout_s)
+        status = self._ca(self._pv.put, AREA_DETECTOR_FRAME_TYPES[kind], wait=True,
+                          timeout=self.timeout_s)
         if status != 1:
             raise ConnectionError(f"put of {AREA_DETECTOR_FRAME_TYPES[kind]} to {self.pv_name} "
                                   f"did not complete within {self.timeout_s:g} s")

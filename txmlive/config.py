@@ -206,6 +206,8 @@ class Feedback:
     shaker_target_cv: float = _opt(0.02, "flat-field uniformity target (coefficient of "
                                          "variation)", min_value=1e-4)
     shaker_amplitudes: int = _opt(12, "amplitudes in the shaker's upward scan", min_value=3)
+    shaker_amp_range_um: list[float] = _opt(
+        [], "[low, high] shaker amplitudes scanned, um; [] = the amplitude's soft limits")
     shaker_flat_frames: int = _opt(2, "flat frames averaged per amplitude", min_value=1)
     shaker_measure_na_fill: bool = _opt(True, "also judge the NA fill (needs [metrics] dr_nm)")
     beam_response: list[float] = _opt(
@@ -221,7 +223,7 @@ class Feedback:
     beam_proportional_gain: float = _opt(0.1, "beam loop proportional gain", min_value=0)
     beam_deadband_px: float = _opt(0.3, "no steering while the centroid error is below this, "
                                         "px", min_value=0)
-    beam_calibration_step: float = _opt(1.0, "steering step of the response calibration, "
+    beam_calibration_step: float = _opt(3.0, "steering step of the response calibration, "
                                              "motor units", min_value=1e-6)
     beam_calibration_frames: int = _opt(3, "frames per calibration point", min_value=1)
 

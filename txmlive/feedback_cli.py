@@ -35,7 +35,6 @@ from txmlive.config import Config, ConfigError, Feedback
 if TYPE_CHECKING:  # the feedback stack loads only when a feedback command runs (CLI start-up)
     from feedback.commands import Procedure
     from feedback.executor import (
-        Action,
         EpicsFrameType,
         Executor,
         LazyActuators,
@@ -157,7 +156,13 @@ def feedback_settings(config: Config) -> FeedbackSettings:
                              frames_per_point=fb.af_frames_per_point,
                              max_frames_per_point=fb.af_max_frames_per_point,
                              backlash=fb.af_backlash_um, intensity=intensity)
+        amp_range = fb.shaker_amp_range_um
+        if amp_range and (len(amp_range) != 2 or not 0 <= amp_range[0] < amp_range[1]):
+            raise ValueError(f"shaker_amp_range_um: expected [low, high] with 0 <= low < high, "
+                             f"got {amp_range!r}")
         shaker = ShakerConfig(target_cv=fb.shaker_target_cv, n_amplitudes=fb.shaker_amplitudes,
+                              amp_min_um=amp_range[0] if amp_range else None,
+                              amp_max_um=amp_range[1] if amp_range else None,
                               flat_frames=fb.shaker_flat_frames,
                               measure_na_fill=fb.shaker_measure_na_fill)
         calibration = CalibrationConfig(delta=(fb.beam_calibration_step,) * 2,
@@ -221,16 +226,53 @@ def configure_ca(config: Config) -> None:
     os.environ.update(env)
 
 
+class CaMotor:
+    """An :class:`hw.actuators.EpicsMotor` whose Channel Access failures (pyepics raises its
+    own exceptions, e.g. a get on a channel that just disconnected) reach the executor as the
+    ``ConnectionError`` of an IOC disconnect."""
+
+    def __init__(self, motor: Any) -> None:
+        self._motor = motor
+        self.name, self.unit = motor.name, motor.unit
+
+    def _call(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        from feedback.executor import call_ca
+
+        return call_ca(self.name, func, *args, **kwargs)
+
+    @property
+    def limits(self) -> tuple[float, float]:
+        return self._call(lambda: self._motor.limits)
+
+    @property
+    def position(self) -> float:
+        return self._call(lambda: self._motor.position)
+
+    @property
+    def moving(self) -> bool:
+        return self._call(lambda: self._motor.moving)
+
+    @property
+    def velocity(self) -> float:
+        return self._call(lambda: self._motor.velocity)
+
+    def move(self, target: float, wait: bool = True, timeout: float | None = None) -> None:
+        self._call(self._motor.move, target, wait=wait, timeout=timeout)
+
+    def stop(self) -> None:
+        self._call(self._motor.stop)
+
+
 def beamline_actuators(config: Config, settle_s: float = 5.0) -> LazyActuators:
     """The beamline's motors by role (``[epics] beamline_prefix`` + ``[motors]``), connected on
-    first use as :class:`hw.actuators.EpicsMotor`."""
+    first use as :class:`hw.actuators.EpicsMotor` (wrapped in :class:`CaMotor`)."""
     from feedback.executor import LazyActuators
     from hw.actuators import EpicsMotor
 
     records = pvnames.motor_pvs(config.epics.beamline_prefix, config.motors)
 
-    def connect(role: str) -> EpicsMotor:
-        return EpicsMotor(records[role], name=role, settle_s=settle_s)
+    def connect(role: str) -> CaMotor:
+        return CaMotor(EpicsMotor(records[role], name=role, settle_s=settle_s))
 
     return LazyActuators(connect, records)
 
@@ -262,14 +304,14 @@ def _camera(config: Config) -> LazyFrameType:
 
 
 def _executor(config: Config, settings: FeedbackSettings, buffer: ResultBuffer,
-              on_action: Callable[[Action], None] | None, dry_run: bool) -> Executor:
+              dry_run: bool) -> Executor:
     from feedback.executor import Executor
 
     return Executor(beamline_actuators(config, settings.move_settle_s), buffer,
                     camera=_camera(config), dry_run=dry_run,
                     acquire_timeout_s=settings.acquire_timeout_s,
                     stale_after_s=settings.stale_after_s,
-                    move_settle_s=settings.move_settle_s, on_action=on_action)
+                    move_settle_s=settings.move_settle_s)
 
 
 def start_runtime(config: Config, pv_server: Any, publisher: Any) -> FeedbackRuntime:
@@ -280,7 +322,7 @@ def start_runtime(config: Config, pv_server: Any, publisher: Any) -> FeedbackRun
 
     settings = feedback_settings(config)
     configure_ca(config)
-    executor = _executor(config, settings, ResultBuffer(), None, settings.dry_run)
+    executor = _executor(config, settings, ResultBuffer(), settings.dry_run)
     runtime = FeedbackRuntime(executor, settings.loop, commands=pv_server.commands,
                               state=pv_server)
     publisher.add_listener(runtime.on_result)
@@ -306,13 +348,6 @@ def _step(name: str) -> Iterator[None]:
         raise StepFailed(name, exc) from exc
 
 
-def _progress(prog: str) -> Callable[[Action], None]:
-    def show(action: Action) -> None:
-        print(f"{prog}: {action.line()}", file=sys.stderr, flush=True)
-
-    return show
-
-
 def _run(args: argparse.Namespace, config: Config, name: str, roles: tuple[str, ...],
          build: Callable[[Any, FeedbackSettings, Executor], Procedure],
          summary: Callable[[dict[str, Any]], str], rollback: bool = True) -> int:
@@ -331,7 +366,7 @@ def _run(args: argparse.Namespace, config: Config, name: str, roles: tuple[str, 
         with _step(f"subscribing to the results stream {url}"):
             subscriber = ResultsSubscriber(url, buffer)
             subscriber.start()
-        executor = _executor(config, settings, buffer, _progress(prog),
+        executor = _executor(config, settings, buffer,
                              settings.dry_run or args.dry_run)
         records = pvnames.motor_pvs(config.epics.beamline_prefix, config.motors)
         where = ", ".join(f"{role} = {records.get(role, '?')}" for role in roles)
