@@ -13,9 +13,10 @@ Cases: dark/flat correction alone and fused with block averaging (N=4) on ``size
 the radial PSD of a ``roi``² ROI against ``np.fft.fft2`` with Python-level radial binning
 (:func:`bench.baseline.numpy_psd`, the baseline's own code); registration (phase correlation)
 of the central crop the pipeline measures shifts on; the intensity-weighted centroid and the
-8×8 binning (with totals) of a ``size``² float32 corrected frame; and all metrics of one frame
-as the pipeline computes them. FFT cases are compute-bound: their floor (one read of the input
-and one write of its half spectrum) only sets the scale.
+8×8 binning (with totals) of a raw ``size``² uint16 frame (the beam metrics' input); and all
+metrics of one frame as the pipeline's metrics stage computes them. FFT cases are
+compute-bound: their floor (one read of the input and one write of its half spectrum) only sets
+the scale.
 
 Targets (from the issues, not tests): correction at least 4x faster than numpy and within 1.5x
 of the floor; the PSD and all metrics of one frame at least 5x faster than plain numpy, all
@@ -197,8 +198,15 @@ def _test_image(side: int, dtype: type = np.float32) -> np.ndarray:
     return frame.image.astype(dtype)
 
 
+def _raw_frame(size: int) -> np.ndarray:
+    """A read-only uint16 frame, as decoded zero-copy from the wire (beam metrics use it)."""
+    frame = _test_image(size, np.uint16)
+    frame.setflags(write=False)
+    return frame
+
+
 def _corrected_frame(size: int) -> np.ndarray:
-    """A corrected-looking float32 frame (transmission ~0.2-1), as the metrics receive it."""
+    """A corrected-looking float32 frame (transmission ~0.2-1), as the ROI metrics get it."""
     return _test_image(size) / np.float32(5100.0)
 
 
@@ -275,12 +283,12 @@ def numpy_bin(image: np.ndarray, factor: int) -> tuple[np.ndarray, float]:
 
 
 def centroid_case(size: int, roi: int) -> Case:
-    """Intensity-weighted centroid of a whole ``size``² float32 frame."""
-    frame = _corrected_frame(size)
-    bytes_per_frame = size * size * 4
+    """Intensity-weighted centroid of a whole raw ``size``² uint16 frame."""
+    frame = _raw_frame(size)
+    bytes_per_frame = size * size * 2
     return Case(
         name=f"centroid {size}",
-        description=f"weighted centroid + totals of a {size}x{size} float32 frame",
+        description=f"weighted centroid + totals of a raw {size}x{size} uint16 frame",
         bytes_per_frame=bytes_per_frame,
         variants=[
             Variant("beam_stats (numba)", "kernel", lambda: beam_stats(frame)),
@@ -291,15 +299,15 @@ def centroid_case(size: int, roi: int) -> Case:
 
 
 def binning_case(size: int, roi: int) -> Case:
-    """8×8 NaN-aware binning with totals of a ``size``² float32 frame (previews, beam metrics)."""
-    frame = _corrected_frame(size)
+    """8×8 NaN-aware binning with totals of a raw ``size``² uint16 frame (beam metrics)."""
+    frame = _raw_frame(size)
     factor = min(8, size)
     out = np.empty((size // factor, size // factor), np.float32)
     engine = MetricsEngine(MetricsConfig(bin_factor=factor))
-    bytes_per_frame = size * size * 4
+    bytes_per_frame = size * size * 2
     return Case(
         name=f"bin {factor} {size}",
-        description=f"{factor}x{factor} binning + totals of a {size}x{size} float32 frame",
+        description=f"{factor}x{factor} binning + totals of a raw {size}x{size} uint16 frame",
         bytes_per_frame=bytes_per_frame,
         variants=[
             Variant("bin_image_and_totals (numba)", "kernel",
@@ -312,18 +320,20 @@ def binning_case(size: int, roi: int) -> Case:
     )
 
 
-def numpy_all_metrics(frame: np.ndarray, prev_roi: np.ndarray, roi: tuple[slice, slice],
-                      bins: list[np.ndarray], factor: int) -> dict[str, float]:
+def numpy_all_metrics(raw: np.ndarray, corrected: np.ndarray, prev_roi: np.ndarray,
+                      roi: tuple[slice, slice], bins: list[np.ndarray],
+                      factor: int) -> dict[str, float]:
     """What the pipeline measures per frame, in plain numpy/scipy (cut-off search left out).
 
-    Binning, centroid and illumination CV on the binned frame; PSD (:func:`numpy_psd`), two
-    focus scores and the phase-correlation shift against the previous ROI on the ROI.
+    Binning, centroid and illumination CV on the binned raw frame; PSD (:func:`numpy_psd`),
+    two focus scores and the phase-correlation shift against the previous ROI on the corrected
+    ROI.
     """
-    binned, total = numpy_bin(frame, factor)
+    binned, total = numpy_bin(raw, factor)
     cy, cx, _ = numpy_centroid(binned)
     smooth = scipy.ndimage.gaussian_filter(np.nan_to_num(binned), 2.0)
     fov = smooth >= 0.5 * smooth.max()
-    cut = frame[roi]
+    cut = corrected[roi]
     psd = numpy_psd(cut, bins)
     mean = cut.mean()
     dy, dx = numpy_phase_correlation(prev_roi, cut)
@@ -333,31 +343,36 @@ def numpy_all_metrics(frame: np.ndarray, prev_roi: np.ndarray, roi: tuple[slice,
 
 
 def all_metrics_case(size: int, roi: int) -> Case:
-    """All metrics of one ``size``² frame: beam metrics on every frame, ROI metrics on ``roi``²."""
-    frame = _corrected_frame(size)
+    """All metrics of one ``size``² frame as the pipeline's metrics stage computes them: beam
+    metrics on the raw uint16 frame, ROI metrics on a copy of the corrected ``roi``² ROI."""
+    raw = _raw_frame(size)
+    corrected = _corrected_frame(size)
     side = min(roi, size)
     y0 = x0 = (size - side) // 2
     config = MetricsConfig(roi=(y0, x0, side, side))
     engine = MetricsEngine(config)
-    engine.warm_up((size, size), dtypes=(np.float32,))
+    engine.warm_up((size, size), dtypes=(np.uint16, np.float32))
     roi_slices = (slice(y0, y0 + side), slice(x0, x0 + side))
-    prev_roi = np.roll(frame[roi_slices], 1, axis=0)
+    prev_roi = np.roll(corrected[roi_slices], 1, axis=0)
     bins = radial_bins((side, side))
     factor = min(config.bin_factor, size)
+    bytes_per_frame = size * size * 2 + side * side * 8  # raw frame; ROI copy written and read
 
     def shipped() -> None:
-        engine.cheap(frame)
-        engine.expensive_roi(np.array(engine.roi_view(frame)))
+        engine.cheap(raw)
+        engine.expensive_roi(np.array(engine.roi_view(corrected)))
 
     return Case(
         name=f"all metrics {size}",
-        description=f"all metrics of a {size}x{size} float32 frame, ROI {side}x{side}",
-        bytes_per_frame=size * size * 4,
+        description=f"all metrics of a {size}x{size} frame (beam on raw uint16, ROI "
+                    f"{side}x{side} of the float32 corrected frame)",
+        bytes_per_frame=bytes_per_frame,
         variants=[
             Variant("MetricsEngine cheap + expensive_roi", "kernel", shipped),
             Variant("numpy/scipy equivalent", "numpy",
-                    lambda: numpy_all_metrics(frame, prev_roi, roi_slices, bins, factor)),
-            _floor(size * size * 4),
+                    lambda: numpy_all_metrics(raw, corrected, prev_roi, roi_slices, bins,
+                                              factor)),
+            _floor(bytes_per_frame),
         ],
         targets=ALL_METRICS_TARGETS,
     )
