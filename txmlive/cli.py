@@ -128,7 +128,9 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
         if pv_server is not None:
             pv_server.update_status(status)
 
-    pipeline = Pipeline(source, publisher, config, metrics=_metrics_engine(config),
+    engine = _metrics_engine(config)
+    engine.warm_up((512, 512))  # compile (or load) every metric kernel before the first frame
+    pipeline = Pipeline(source, publisher, config, metrics=engine,
                         recorder=recorder, max_frames=args.frames, on_status=on_status)
     stop = _stop_on_signals()
     print(f"txmlive run: ready; frames <- {source.url}, results -> "
