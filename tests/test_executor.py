@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from feedback.autofocus import AutofocusConfig, autofocus
-from feedback.beam import BeamConfig, CalibrationConfig, SetpointTable
+from feedback.beam import BeamConfig, CalibrationConfig, ResponseMatrix, SetpointTable
 from feedback.commands import Aborted, Acquire, Done, Log, Move, MoveDone, Read, Verdict
 from feedback.executor import (
     PUT_KINDS,
@@ -565,3 +565,65 @@ def test_a_procedure_bug_ends_aborted_not_in_a_crash():
 
     report = executor.run(buggy(), zp_guard(), name="bug")
     assert report.verdict == Verdict.ABORTED and "internal error" in report.done.reason
+
+
+def test_runtime_dry_run_beam_loop_logs_moves_and_puts_nothing():
+    actuators, metrics = beam_world(drift_px_per_s=5.0)
+    executor, _ = make_executor(actuators, dry_run=True)
+    state = StateRecorder()
+    runtime = FeedbackRuntime(executor, runtime_settings(
+        response=ResponseMatrix(((10.0, 1.0), (-0.5, 10.0)))), state=state)
+    camera = FakeCamera(runtime.on_result, actuators, metrics)
+    runtime.start()
+    try:
+        with camera:
+            runtime.set_setpoint("x", 110.0)  # 10 px off: the loop wants to steer
+            runtime.enable_beam(True)
+            wait_until(lambda: len([a for a in executor.actions if a.kind == "dry-run"]) >= 3)
+    finally:
+        runtime.stop()
+    assert all(a.moves == [] and a.position == 0.0 for a in actuators.values())
+    assert not puts(executor)
+    dry = [a for a in executor.actions if a.kind == "dry-run"]
+    assert all(a.position == 0.0 and abs(a.target) <= 2.5 for a in dry)  # from where it is
+
+
+# -------------------------------------------------------------------------------- config
+
+
+def test_feedback_config_is_validated_and_round_trips(tmp_path):
+    import tomllib
+
+    from txmlive.config import Config, ConfigError, config_from_dict, load_config, render_config
+    from txmlive.feedback_cli import feedback_settings, scan_energies
+
+    assert config_from_dict(tomllib.loads(render_config())) == Config()
+    path = tmp_path / "fb.toml"
+    path.write_text("[feedback]\nmax_step = { zp_z_um = 20 }\nsoft_limits = { beam_x = [-5, 5] }"
+                    "\nbeam_response = [10, 1, -0.5, 10]\nbeam_setpoints = [8000, 128, 128]\n"
+                    "focus_points = [8000, 0, 8100, 270]\n")
+    settings = feedback_settings(load_config(path))
+    roles = settings.loop.roles
+    assert roles.max_step["zp_z_um"] == 20.0 and roles.max_step["beam_x"] == 2.5  # defaults kept
+    assert roles.soft_limits == {"beam_x": (-5.0, 5.0)}
+    assert settings.loop.response.px_per_unit == ((10.0, 1.0), (-0.5, 10.0))
+    assert list(settings.loop.setpoints.at(9000.0)) == [128.0, 128.0]
+    assert settings.focus_points == [(8000.0, 0.0), (8100.0, 270.0)]
+    for text, words in [
+        ("max_step = { zp_w_um = 1.0 }", "[feedback] max_step: unknown motor role"),
+        ("max_step = { zp_z_um = -1.0 }", "[feedback] max_step zp_z_um: must be > 0"),
+        ("soft_limits = { beam_x = [5, -5] }", "[feedback] soft_limits beam_x: low 5"),
+        ("beam_response = [1, 2, 3]", "[feedback] beam_response: expected 4 numbers"),
+        ("beam_response = [1, 1, 1, 1]", "[feedback] beam_response: response matrix"),
+        ("beam_setpoints = [8000, 1]", "[feedback] beam_setpoints: expected groups of 3"),
+        ('focus_model = "linear"', "[feedback] focus_model: the linear model needs"),
+        ("shaker_amp_range_um = [5, 1]", "[feedback] shaker_amp_range_um"),
+    ]:
+        path.write_text(f"[feedback]\n{text}\n")
+        with pytest.raises(ConfigError) as info:
+            feedback_settings(load_config(path))
+        assert words in str(info.value), (text, str(info.value))
+    assert scan_energies(8300, 8360, 20) == [8300.0, 8320.0, 8340.0, 8360.0]
+    assert scan_energies(8360, 8300, 25) == [8360.0, 8335.0, 8310.0]
+    with pytest.raises(ValueError, match="--step-ev"):
+        scan_energies(8300, 8360, 0)
