@@ -10,8 +10,9 @@ the :class:`~feedback.executor.Executor` in this process, prints progress to std
 ``reason``, its numbers), ``duration_s``, ``dry_run``, ``rolled_back`` and the ``actions``
 log. SIGINT/SIGTERM abort the procedure (motion stops; verdict ``aborted``).
 
-Exit codes: 0 when the procedure ended with a verdict other than ``aborted``; 1 when it was
-aborted or a step before it failed (the message names the step; with ``--json`` the object
+Exit codes: 0 when the procedure ended with a verdict other than ``aborted`` (or a dry run
+ended where its plan needs a frame at a position never reached); 1 when it was aborted or a
+step before it failed (the message names the step; with ``--json`` the object
 then has ``verdict`` ``aborted``, ``step`` and ``reason``); 2 for a bad command line or
 config.
 """
@@ -408,7 +409,8 @@ def _report(args: argparse.Namespace, prog: str, report: RunReport,
           f"{report.duration_s:.1f} s", file=sys.stderr, flush=True)
     if args.json:
         print(json.dumps(out, default=_json_default), flush=True)
-    return 1 if report.verdict == Verdict.ABORTED else 0
+    planned = report.dry_run and report.done.reason.startswith("Aborted: dry run:")
+    return 1 if report.verdict == Verdict.ABORTED and not planned else 0
 
 
 def _json_default(obj: Any) -> Any:
