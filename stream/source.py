@@ -35,6 +35,18 @@ def _new_counters() -> dict[str, Any]:
     return {"received": 0, "rejected": {}, "last_error": None}
 
 
+def _decode_counted(counters: dict[str, Any], parts: Sequence[Any],
+                    max_payload_bytes: int) -> Frame | None:
+    """Decode one message; a bad one is counted by reason and gives None."""
+    try:
+        frame = decode_message(parts, max_payload_bytes)
+    except WireError as exc:
+        _reject(counters, exc)
+        return None
+    counters["received"] += 1
+    return frame
+
+
 def _reject(counters: dict[str, Any], exc: WireError) -> None:
     rejected = counters["rejected"]
     rejected[exc.reason] = rejected.get(exc.reason, 0) + 1
@@ -94,13 +106,9 @@ class ZmqSource:
             if not self._poller.poll(remaining_ms):
                 return None
             parts = self._sock.recv_multipart(copy=False)
-            try:
-                frame = decode_message(parts, self.max_payload_bytes)
-            except WireError as exc:
-                _reject(self.counters, exc)
-                continue
-            self.counters["received"] += 1
-            return frame
+            frame = _decode_counted(self.counters, parts, self.max_payload_bytes)
+            if frame is not None:
+                return frame
 
     def close(self) -> None:
         self._sock.close(linger=0)
@@ -123,15 +131,11 @@ class MemorySource:
     def recv(self, timeout_s: float) -> Frame | None:
         for item in self._items:
             if isinstance(item, Frame):
-                frame = item
-            else:
-                try:
-                    frame = decode_message(item, self.max_payload_bytes)
-                except WireError as exc:
-                    _reject(self.counters, exc)
-                    continue
-            self.counters["received"] += 1
-            return frame
+                self.counters["received"] += 1
+                return item
+            frame = _decode_counted(self.counters, item, self.max_payload_bytes)
+            if frame is not None:
+                return frame
         time.sleep(min(timeout_s, 0.01))
         return None
 

@@ -80,6 +80,16 @@ def encode(frame: Frame) -> list[bytes | memoryview]:
     return [encode_header(frame), memoryview(image.reshape(-1).view(np.uint8))]
 
 
+def _header_part(parts: Sequence[Any], layout: str) -> memoryview:
+    """The header part of a two-part message, checked for the part count and its size."""
+    if len(parts) != 2:
+        raise WireError("parts", f"expected 2 message parts {layout}, got {len(parts)}")
+    head = _buffer(parts[0])
+    if head.nbytes > MAX_HEADER_BYTES:
+        raise WireError("header_size", f"header is {head.nbytes} B, limit {MAX_HEADER_BYTES} B")
+    return head
+
+
 def _need(header: dict, key: str, types: type | tuple[type, ...], what: str) -> Any:
     value = header[key]
     if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
@@ -121,11 +131,7 @@ def decode(parts: Sequence[Any], max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BY
     WireError
         For any malformed message; ``reason`` names the kind of fault.
     """
-    if len(parts) != 2:
-        raise WireError("parts", f"expected 2 message parts [header, payload], got {len(parts)}")
-    head = _buffer(parts[0])
-    if head.nbytes > MAX_HEADER_BYTES:
-        raise WireError("header_size", f"header is {head.nbytes} B, limit {MAX_HEADER_BYTES} B")
+    head = _header_part(parts, "[header, payload]")
     try:
         header = msgpack.unpackb(head, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types for garbage
@@ -176,11 +182,7 @@ def decode_adzmq(parts: Sequence[Any], max_payload_bytes: int = DEFAULT_MAX_PAYL
     uniqueId; NDAttributes ``FrameType``, ``AcquireTime`` and ``Energy`` map onto the frame's
     kind, exposure and energy when present; the remaining attributes go to ``attrs``.
     """
-    if len(parts) != 2:
-        raise WireError("parts", f"expected 2 ADZMQ parts [json header, data], got {len(parts)}")
-    head = _buffer(parts[0])
-    if head.nbytes > MAX_HEADER_BYTES:
-        raise WireError("header_size", f"header is {head.nbytes} B, limit {MAX_HEADER_BYTES} B")
+    head = _header_part(parts, "ADZMQ [json header, data]")
     try:
         header = json.loads(head.tobytes())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
