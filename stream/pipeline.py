@@ -280,6 +280,9 @@ class Pipeline:
             "processed": 0, "results": 0, "darks": 0, "flats": 0, "ends": 0,
             "previews": 0, "unprocessed_at_exit": 0, "metrics_errors": 0,
         }
+        self.loop_status: dict[str, Any] = {}
+        """Feedback loop states (``af_state``, ``beamfb_state`` ...) shown in previews; other
+        threads replace values, the processing thread copies it per preview."""
         self._t_first: float | None = None
         self._result_times: deque[float] = deque(maxlen=4096)
         self._t_last: float | None = None
@@ -494,7 +497,7 @@ class Pipeline:
             "shape": list(shape), "dtype": buf.dtype.str, "bin": factor,
             "pixel_nm": None if pixel_nm is None else pixel_nm * factor,
             "metrics": metrics, "counters": result["counters"],
-            "status": self.status(),
+            "status": {**self.status(), **dict(self.loop_status)},
         }
         self.publisher.submit_preview(message, buf, self._previews.give)
         self.counters["previews"] += 1

@@ -121,7 +121,17 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
         publisher.add_listener(pv_server.update)
         from txmlive.feedback_cli import start_runtime
 
-        feedback = start_runtime(config, pv_server, publisher)
+        loop_status: dict[str, Any] = {}
+
+        class _States:
+            """Loop states to the PV server and, for the viewer, into the previews."""
+
+            @staticmethod
+            def set_state(**values: Any) -> None:
+                pv_server.set_state(**values)
+                loop_status.update(values)
+
+        feedback = start_runtime(config, pv_server, publisher, state=_States())
 
     def on_status(status: dict[str, Any]) -> None:
         print(status_line(status), file=sys.stderr, flush=True)
@@ -132,6 +142,8 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
     engine.warm_up((512, 512))  # compile (or load) every metric kernel before the first frame
     pipeline = Pipeline(source, publisher, config, metrics=engine,
                         recorder=recorder, max_frames=args.frames, on_status=on_status)
+    if feedback is not None:
+        pipeline.loop_status = loop_status
     stop = _stop_on_signals()
     print(f"txmlive run: ready; frames <- {source.url}, results -> "
           f"{args.results or config.endpoints.results}, preview -> "

@@ -315,9 +315,11 @@ def _executor(config: Config, settings: FeedbackSettings, buffer: ResultBuffer,
                     move_settle_s=settings.move_settle_s)
 
 
-def start_runtime(config: Config, pv_server: Any, publisher: Any) -> FeedbackRuntime:
+def start_runtime(config: Config, pv_server: Any, publisher: Any,
+                  state: Any = None) -> FeedbackRuntime:
     """The feedback runtime of ``txmlive run``: Results from ``publisher``, operator commands
-    and state through ``pv_server``; started. Stop it with ``stop()`` before the PV server."""
+    through ``pv_server``, loop states to ``state`` (default the PV server; anything with
+    ``set_state(**values)``); started. Stop it with ``stop()`` before the PV server."""
     from feedback.results import ResultBuffer
     from feedback.runtime import FeedbackRuntime
 
@@ -325,7 +327,7 @@ def start_runtime(config: Config, pv_server: Any, publisher: Any) -> FeedbackRun
     configure_ca(config)
     executor = _executor(config, settings, ResultBuffer(), settings.dry_run)
     runtime = FeedbackRuntime(executor, settings.loop, commands=pv_server.commands,
-                              state=pv_server)
+                              state=pv_server if state is None else state)
     publisher.add_listener(runtime.on_result)
     runtime.start()
     return runtime
