@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -45,7 +46,10 @@ def test_headless_demo_end_to_end(tmp_path):
         [sys.executable, "-m", "txmlive.cli", "demo", "--headless", "--duration", "40",
          "--size", "256", "--out", str(out), "--json"],
         capture_output=True, text=True, timeout=380)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    if proc.returncode != 0:  # show the failing step's own log, named in the message
+        logs = re.findall(r"its log: (\S+)", proc.stderr)
+        detail = "".join(Path(p).read_text()[-4000:] for p in logs if Path(p).exists())
+        pytest.fail(f"demo exited {proc.returncode}:\n{proc.stderr[-3000:]}\n{detail}")
     summary = json.loads(proc.stdout)
     af = summary["autofocus"]
     assert af["verdict"] == "resolved"
