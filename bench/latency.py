@@ -6,17 +6,15 @@ recorded series (``--input``, its data frames cycled as often as needed) or synt
 ``N × N`` uint16 frames from a separate sender process at a fixed rate, and subscribes to the
 results. Then it does the same with the baseline (:mod:`bench.baseline`).
 
-Per frame it measures, from the frame's ``t_ns`` (stamped by the sender when the frame goes on
-the wire) to its Result, each stage the pipeline stamps: ``receive`` (``t_ns`` → ``recv``),
-``queue`` (→ ``dequeue``), ``correct``, ``average``, ``metrics`` (→ the in-order metrics stage
-is done with it), ``roi_metrics`` (only from a pipeline that stamps its ROI metrics apart),
-``publish``, and ``end_to_end``; each as p50/p90/p99/max over the measured frames (the
+Per frame it measures, from the frame's ``t_ns`` (stamped by the sender when the frame goes on the
+wire) to its Result, each stage the pipeline stamps: ``receive`` (``t_ns`` → ``recv``), ``queue``
+(→ ``dequeue``), ``correct``, ``average``, ``metrics`` (→ the in-order metrics stage is done with
+it), ``publish``, and ``end_to_end``; each as p50/p90/p99/max over the measured frames (the
 ``--warmup-frames`` go first, as their own series, and are reported apart: they pay first-call
-costs). ``t_ns`` is wall-clock and
-the stamps are monotonic; the offset between the two clocks is the median over the results of
-``t_ns + latency_ms·1e6 − stamps.publish`` (``latency_ms`` is wall-clock ``t_ns`` → publish,
-taken next to the ``publish`` stamp). Frames dropped, rejected, sequence gaps and results that
-never arrived come from the run's summary and the results themselves.
+costs). ``t_ns`` is wall-clock and the stamps are monotonic; the offset between the two clocks is
+the median over the results of ``t_ns + latency_ms·1e6 − stamps.publish`` (``latency_ms`` is wall-
+clock ``t_ns`` → publish, taken next to the ``publish`` stamp). Frames dropped, rejected, sequence
+gaps and results that never arrived come from the run's summary and the results themselves.
 
 This module also holds the harness :mod:`bench.throughput` builds on: :class:`Sender` (frames
 prepared once in a spawned process, so pacing never shares the harness's GIL),
@@ -56,7 +54,7 @@ TARGETS = ("product", "baseline")
 """What a harness run measures: ``txmlive run``, or :mod:`bench.baseline`."""
 
 STAGES = (("recv", "receive"), ("dequeue", "queue"), ("correct", "correct"),
-          ("average", "average"), ("metrics", "metrics"), ("roi_metrics", "roi_metrics"),
+          ("average", "average"), ("metrics", "metrics"),
           ("publish", "publish"))
 """(stamp, stage name) in pipeline order; a stage lasts from the previous stamp present (or
 ``t_ns`` for the first) to its own."""

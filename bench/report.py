@@ -209,8 +209,7 @@ def latency_section(items: list[tuple[Path, dict[str, Any]]]) -> tuple[list[str]
              "backlog in the socket buffers), queue (→ the processing thread takes it), "
              "correct, average, metrics (→ the pipeline's in-order metrics stage is done with "
              "it: beam metrics and the ROI's focus, shift and PSD, measured on the newest "
-             "frame when behind), roi_metrics (only from a pipeline that stamps the ROI "
-             "metrics apart), publish. The baseline has receive, correct, metrics (its PSD) "
+             "frame when behind), publish. The baseline has receive, correct, metrics (its PSD) "
              "and publish only. Percentiles are over the measured "
              "frames of a run, then the median over runs; warm-up frames (first-call costs) "
              "are reported apart.", ""]
