@@ -1,18 +1,22 @@
-"""The pipeline runtime: receive → bounded queue → correct/average/metrics → publish.
+"""The pipeline runtime: receive → bounded queue → correct/average → metrics → publish.
 
 Threads and their hand-offs (see DESIGN.md, "Runtime"):
 
 - receiver: ``source.recv`` → stamp ``recv`` → sequence-gap bookkeeping → ingest queue
   (:class:`~stream.queues.BoundedQueue`, policy from config: ``block`` or ``drop-oldest``);
-- processing: references update on dark/flat frames; data frames go through the fused
-  correction + averaging kernel (:class:`~stream.correct.Corrector`), then the metrics, and
-  leave as a result dict for the publisher (queue), a preview (keep-latest slot, at most
-  ``[preview] max_rate_hz``) and the recorder (never-drop queue);
-- publisher (:class:`~stream.publish.Publisher`): sends results and previews;
+- processing (the hot path): references update on dark/flat frames; data frames go through the
+  fused correction + averaging kernel (:class:`~stream.correct.Corrector`); each result goes on
+  to the metrics stage, a preview (at most ``[preview] max_rate_hz``) to the publisher's
+  keep-latest slot, and the processed frame to the recorder (never-drop queue);
+- metrics stage (:class:`_MetricsStage`): beam metrics of the raw frame and ROI metrics of the
+  corrected ROI, in frame order, on the newest frame when it cannot keep up (results say which
+  frame their metrics describe);
+- publisher (:class:`~stream.publish.Publisher`): sends results and previews, and hands results
+  to in-process listeners (PV server, feedback);
 - the caller's thread: status lines and the stop signal.
 
-Every counter (received, processed, dropped, rejected by reason, sequence gaps, uncorrected)
-travels in each result and in the run summary, so nothing is lost silently.
+Every counter (received, processed, dropped, rejected by reason, sequence gaps, uncorrected,
+metrics skipped) travels in each result and in the run summary, so nothing is lost silently.
 """
 
 from __future__ import annotations
