@@ -142,7 +142,13 @@ class EpicsMotor:
 
     @property
     def moving(self) -> bool:
-        return int(self._get("DMOV")) == 0
+        # Read .DMOV from the IOC, not from the monitor cache: a motion-done poll that trusts
+        # a cached 0 was seen to wait out its timeout with the motor long at rest.
+        value = self._motor.PV("DMOV").get(use_monitor=False, timeout=2.0)
+        if value is None:
+            raise ConnectionError(f"{self.name}: no value for {self.pv_base}.DMOV "
+                                  "(disconnected?)")
+        return int(value) == 0
 
     def move(self, target: float, wait: bool = True, timeout: float | None = None) -> None:
         """Move to ``target`` (see :meth:`Actuator.move`).

@@ -36,6 +36,7 @@ from hw.epics_env import configure_ca_client, free_ca_port
 from hw.sim.beamline import nominal_focus_z_um
 from hw.sim.detector import SimParams
 from stream.publish import decode_message
+from tests.procs import spawn_cli
 from txmlive.config import Config, render_config
 from txmlive.ports import free_tcp_url
 
@@ -66,20 +67,6 @@ class Beamline:
         return self.live_prefix + suffix
 
 
-def _spawn(args: list[str], ready: str, log: list[str] | None = None) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "txmlive.cli", *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if ready in line or not line:
-            break
-    assert proc.poll() is None, proc.stderr.read()
-    sink = log if log is not None else []
-    threading.Thread(target=lambda: sink.extend(proc.stderr), daemon=True).start()
-    return proc
-
-
 def _start(tmp: Path, *, focus_offset_um: float = 0.0, drift_px_per_s: float = 0.0,
            seed: int = 0) -> Beamline:
     c = Config()
@@ -92,9 +79,9 @@ def _start(tmp: Path, *, focus_offset_um: float = 0.0, drift_px_per_s: float = 0
     c.sim.focus_offset_um, c.sim.beam_drift_px_per_s = focus_offset_um, drift_px_per_s
     path = tmp / "txmlive.toml"
     path.write_text(render_config(c))
-    sim = _spawn(["sim", "--config", str(path)], "Listening")
+    sim = spawn_cli(["sim", "--config", str(path)], "Listening")
     log: list[str] = []
-    run = _spawn(["run", "--config", str(path)], "ready", log)
+    run = spawn_cli(["run", "--config", str(path)], "ready", log)
     configure_ca_client([sim_port, live_port], reset=True)
     return Beamline(path, sim, run, c.epics.beamline_prefix, c.epics.pv_prefix,
                     c.endpoints.results, log)

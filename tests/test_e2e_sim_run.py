@@ -4,31 +4,16 @@ defocus lowering the measured cut-off."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import threading
 import time
 
 import epics
 import pytest
 
 from hw.epics_env import configure_ca_client, free_ca_port
+from tests.procs import spawn_cli
 from txmlive.ports import free_tcp_url
 
 pytestmark = pytest.mark.timeout(240)
-
-
-def _spawn(*args: str, ready: str) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "txmlive.cli", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if ready in line or not line:
-            break
-    assert proc.poll() is None, proc.stderr.read()
-    threading.Thread(target=proc.stderr.read, daemon=True).start()
-    return proc
 
 
 def _wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
@@ -46,12 +31,12 @@ def beamline():
     sim_port, live_port = free_ca_port(), free_ca_port()
     sim_prefix, live_prefix = f"S{sim_port}:", f"L{live_port}:"
     frames = free_tcp_url()
-    sim = _spawn("sim", "--size", "256", "--fps", "20", "--ca-port", str(sim_port), "--prefix",
-                 sim_prefix, "--bind", frames, "--vibration-nm", "0", "--beam-drift-px-per-s",
-                 "0", ready="Listening")
-    run = _spawn("run", "--connect", frames, "--results", free_tcp_url(), "--preview",
-                 free_tcp_url(), "--ca-port", str(live_port), "--pv-prefix", live_prefix,
-                 ready="ready")
+    sim = spawn_cli(["sim", "--size", "256", "--fps", "20", "--ca-port", str(sim_port),
+                     "--prefix", sim_prefix, "--bind", frames, "--vibration-nm", "0",
+                     "--beam-drift-px-per-s", "0"], ready="Listening")
+    run = spawn_cli(["run", "--connect", frames, "--results", free_tcp_url(), "--preview",
+                     free_tcp_url(), "--ca-port", str(live_port), "--pv-prefix", live_prefix],
+                    ready="ready")
     configure_ca_client([sim_port, live_port], reset=True)
     try:
         yield sim_prefix, live_prefix
