@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
-import threading
 import time
 
 import numpy as np
@@ -17,6 +15,7 @@ from hw.epics_env import free_ca_port
 from stream.frame import Frame, end_frame
 from stream.publish import decode_message
 from stream.wire import encode
+from tests.procs import spawn_cli
 from txmlive.ports import free_tcp_url
 
 N_DATA = 1000
@@ -25,18 +24,9 @@ SHAPE = (64, 64)
 
 def _start_run(*extra: str) -> tuple[subprocess.Popen, dict[str, str]]:
     urls = {"frames": free_tcp_url(), "results": free_tcp_url(), "preview": free_tcp_url()}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "txmlive.cli", "run", "--connect", urls["frames"],
-         "--results", urls["results"], "--preview", urls["preview"], "--json",
-         "--ca-port", str(free_ca_port()), "--pv-prefix", f"TEST{free_ca_port()}:", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:  # wait until its sockets are bound
-        line = proc.stderr.readline()
-        if "ready" in line or not line:
-            break
-    assert proc.poll() is None, proc.stderr.read()
-    threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep the pipe drained
+    proc = spawn_cli(["run", "--connect", urls["frames"], "--results", urls["results"],
+                      "--preview", urls["preview"], "--json", "--ca-port", str(free_ca_port()),
+                      "--pv-prefix", f"TEST{free_ca_port()}:", *extra], ready="ready")
     return proc, urls
 
 
