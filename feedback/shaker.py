@@ -17,7 +17,9 @@ the field and the zone plate's aperture. Two things make a flat field:
    amplitude whose CV meets the target (2 % by default) and whose NA fill is within
    ``na_fill_tolerance`` of the best NA fill among the amplitudes that meet the target —
    with ``cv_margin`` of headroom below the target when some amplitude has it — narrows that
-   amplitude down by bisection, and verifies it with fresh flats.
+   amplitude down by bisection, and verifies it with fresh flats. When the flat region is
+   narrower than the grid spacing (no grid amplitude passes), a golden-section search finds
+   the bottom of the CV valley first and the bisection then runs down its lower flank.
 
 Verdicts: ``resolved`` (target met and verified), ``railed`` (no frequency gives whole periods
 within the limits, or the CV is still falling at the largest amplitude), ``flat`` (no light on
@@ -325,26 +327,10 @@ def _search(tuner: _Tuner, state: dict[str, Any]
         return max(fills) if fills else None
 
     best_fill = na_best(scanned)
-    passing = [p for p in scanned if tuner.passes(p, target, best_fill)]
-    if passing:
-        # Prefer the smallest amplitude with headroom below the target, if any has it.
-        aim = target * (1.0 - cfg.cv_margin)
-        roomy = [p for p in passing if tuner.passes(p, aim, best_fill)]
-        chosen = min(roomy or passing, key=lambda p: p.amplitude_um)
-        if not roomy:
-            aim = target
-        below = [p for p in scanned if p.amplitude_um < chosen.amplitude_um]
-        lo = max(below, key=lambda p: p.amplitude_um).amplitude_um if below else None
-        hi = chosen.amplitude_um
-        for _ in range(cfg.bisect_steps if lo is not None else 0):
-            probe = yield from tuner.probe(0.5 * (lo + hi))
-            if tuner.passes(probe, aim, best_fill):
-                hi, chosen = probe.amplitude_um, probe
-            else:
-                lo = probe.amplitude_um
-    else:
-        chosen = yield from _golden(tuner, scanned)
-        if chosen is None or not tuner.passes(chosen, target, best_fill):
+    if not any(tuner.passes(p, target, best_fill) for p in scanned):
+        # No grid amplitude passes: look for the bottom of the CV valley between grid points.
+        bottom = yield from _golden(tuner, scanned)
+        if bottom is None or not tuner.passes(bottom, target, na_best(tuner.probes)):
             lit = [p for p in tuner.probes if p.uniformity_cv is not None and tuner.lit(p)]
             if not lit:
                 return Verdict.FLAT, "no amplitude gave a lit flat field"
@@ -354,6 +340,25 @@ def _search(tuner: _Tuner, state: dict[str, Any]
                                         f"largest amplitude {best.amplitude_um:g} µm")
             return Verdict.AMBIGUOUS, (f"best uniformity CV {best.uniformity_cv:.3g} at "
                                        f"{best.amplitude_um:g} µm misses the target {target:g}")
+        best_fill = na_best(tuner.probes)
+    passing = [p for p in tuner.probes if tuner.passes(p, target, best_fill)]
+    # Prefer the smallest amplitude with headroom below the target, if any has it; every
+    # probe below it misses that aim, so bisection between the nearest one and it narrows
+    # down the smallest amplitude that meets the aim.
+    aim = target * (1.0 - cfg.cv_margin)
+    roomy = [p for p in passing if tuner.passes(p, aim, best_fill)]
+    chosen = min(roomy or passing, key=lambda p: p.amplitude_um)
+    if not roomy:
+        aim = target
+    below = [p for p in tuner.probes if p.amplitude_um < chosen.amplitude_um]
+    lo = max(below, key=lambda p: p.amplitude_um).amplitude_um if below else None
+    hi = chosen.amplitude_um
+    for _ in range(cfg.bisect_steps if lo is not None else 0):
+        probe = yield from tuner.probe(0.5 * (lo + hi))
+        if tuner.passes(probe, aim, best_fill):
+            hi, chosen = probe.amplitude_um, probe
+        else:
+            lo = probe.amplitude_um
     candidates = sorted({chosen.amplitude_um, *(p.amplitude_um for p in tuner.probes
                                                 if tuner.passes(p, target, best_fill))})
     for amplitude in [chosen.amplitude_um] + [a for a in candidates if a != chosen.amplitude_um]:

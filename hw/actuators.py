@@ -120,6 +120,9 @@ class EpicsMotor:
             raise TypeError(f"{self.name}: {pv_base} is not a motor record: {exc}") from exc
         unit = self._motor.get("EGU", as_string=True)
         self.unit = unit or ""
+        # The .VAL channel of the last un-waited move: its put callback completes when the
+        # record's motion is done.
+        self._pending: epics.PV | None = None
 
     def _get(self, field: str) -> float:
         value = self._motor.get(field)
@@ -142,6 +145,11 @@ class EpicsMotor:
 
     @property
     def moving(self) -> bool:
+        # Right after an un-waited put, .DMOV and .RBV may still describe the motor before the
+        # move: a step smaller than the caller's tolerance then looked done before it started.
+        # The put callback of that move says when the record has finished it.
+        if self._pending is not None and not self._pending.put_complete:
+            return True
         # Read .DMOV from the IOC, not from the monitor cache: a motion-done poll that trusts
         # a cached 0 was seen to wait out its timeout with the motor long at rest.
         value = self._motor.PV("DMOV").get(use_monitor=False, timeout=2.0)
@@ -160,7 +168,10 @@ class EpicsMotor:
             velocity = self.velocity
             travel = abs(target - self.position) / velocity if velocity > 0 else 0.0
             timeout = travel + self.settle_s
-        status = self._motor.move(target, wait=wait, timeout=timeout)
+        if wait:
+            status = self._motor.move(target, wait=True, timeout=timeout)
+        else:
+            status = self._start_move(target)
         if status == -12:
             raise LimitError(f"{self.name}: the record refused {target:g} {self.unit} as "
                              "outside its limits")
@@ -177,6 +188,20 @@ class EpicsMotor:
         if status not in (0, 1):
             raise MoveError(f"{self.name}: move to {target:g} failed (epics.Motor status "
                             f"{status})")
+
+    def _start_move(self, target: float) -> int:
+        """Put ``target`` with a completion callback; an ``epics.Motor.move`` status."""
+        if not self._motor.within_limits(target):
+            return -12
+        pv = self._motor.PV("VAL")
+        if not pv.wait_for_connection(timeout=2.0):
+            return -11
+        pv.put(target, use_complete=True)
+        self._pending = pv
+        # The record answers a put outside its limits with .LVIO; read it from the IOC (a
+        # cached 1 may be left from an earlier refusal).
+        lvio = self._motor.PV("LVIO").get(use_monitor=False, timeout=2.0)
+        return 4 if lvio == 1 else 0
 
     def stop(self) -> None:
         self._motor.put("STOP", 1)

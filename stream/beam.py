@@ -359,7 +359,7 @@ def smooth_nan(image: np.ndarray, sigma_px: float) -> np.ndarray:
     return out
 
 
-def illumination_uniformity(image: np.ndarray, sigma_px: float = 2.0,
+def illumination_uniformity(image: np.ndarray, sigma_px: float = 0.5,
                             fov_fraction: float = 0.5) -> float:
     """Coefficient of variation of the smoothed illumination inside the field of view.
 

@@ -82,8 +82,14 @@ class MetricsConfig:
         Background for the centroid as a fraction of the binned frame's maximum, in [0, 1):
         0 weights every pixel by its intensity (centre of mass of the whole field); 0.5 or
         more follows only the bright condenser spot, not the illuminated field around it.
+        The default 0.9 keeps following the beam after the shaker has flattened the field:
+        on a field flat to ~1.5 % the centre of mass moves ~0.03 px per px of beam motion,
+        the top-10 % centroid ~0.5 px per px (the beam loop calibrates whichever is used).
     uniformity_sigma_px : float
-        Gaussian smoothing for the uniformity, in binned pixels.
+        Gaussian smoothing for the uniformity, in binned pixels. Kept small (0.5): binning
+        already averages the photon noise (64 px per binned pixel at the default bin 8), and
+        wider smoothing pulls the dim corners towards the centre, so a 256² frame (32 binned
+        px across) read σ = 2 as a field up to a third flatter than it is.
     fov_fraction : float
         Field of view for the uniformity: smoothed field ≥ this fraction of its maximum.
     shift_px : int
@@ -98,8 +104,8 @@ class MetricsConfig:
     band_per_um: tuple[float, float] = (5.0, 15.0)
     threshold: float = 2.0
     bin_factor: int = 8
-    centroid_fraction: float = 0.0
-    uniformity_sigma_px: float = 2.0
+    centroid_fraction: float = 0.9
+    uniformity_sigma_px: float = 0.5
     fov_fraction: float = 0.5
     shift_px: int = 256
     jitter_window: int = 50

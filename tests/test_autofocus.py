@@ -333,7 +333,7 @@ def test_autofocus_normal_dose_within_a_tenth_of_the_dof(start_dof, offset_um, s
 
 @pytest.mark.parametrize("start_dof, seed", [(-1.8, 11), (1.5, 12), (0.4, 13)])
 def test_autofocus_low_dose_averages_and_stays_within_a_fifth_of_the_dof(start_dof, seed):
-    done, bench = run_autofocus(start_dof, seed=seed, flux_counts_per_s=8.0e3)  # ~100 counts/px
+    done, bench = run_autofocus(start_dof, seed=seed, flux_counts_per_s=4.0e3)  # ~100 counts/px
     raw_mean = bench.sim.render(bench.current_state(), 0.0)[0].mean() - 100.0
     assert 70 < raw_mean < 150
     truth = bench.truth()["focus_z_um"]
@@ -342,7 +342,7 @@ def test_autofocus_low_dose_averages_and_stays_within_a_fifth_of_the_dof(start_d
 
 
 def test_autofocus_very_low_dose_averages_frames_instead_of_guessing():
-    done, bench = run_autofocus(-1.0, seed=52, flux_counts_per_s=1.0e3)  # ~12 counts/px
+    done, bench = run_autofocus(-1.0, seed=52, flux_counts_per_s=0.5e3)  # ~12 counts/px
     truth = bench.truth()["focus_z_um"]
     assert done.verdict == Verdict.RESOLVED, done.reason
     assert abs(done.result["best_z_um"] - truth) <= DOF_8KEV / 5

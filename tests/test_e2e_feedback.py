@@ -5,6 +5,7 @@ commands as processes, the operator's PVs over Channel Access, scored against th
 - ``txmlive autofocus`` from 1.4 DOF off the hidden focus: ``resolved`` within DOF/10 with at
   most 15 frames; the same through ``AF:START`` on the pipeline's PV server;
 - ``txmlive energy-scan`` over a few steps: the ZP within DOF/5 of the true focus at each;
+- ``txmlive tune-shaker`` from a parked shaker (a hot spot): the simulator's field CV ≤ 2 %;
 - ``BEAMFB:ENABLE`` with no response matrix: calibration, then the centroid held on the
   setpoint against 1 px/s of drift (≤ 1 px RMS), the true spot held still;
 - the simulated IOC stopped in the middle of an autofocus: ``aborted``, no put afterwards, and
@@ -203,6 +204,35 @@ def _centroids(url: str, stop: threading.Event, out: list) -> None:
                 out.append((result["t_ns"], metrics["centroid_x_px"], metrics["centroid_y_px"]))
     finally:
         sock.close()
+
+
+@pytest.mark.timeout(240)
+def test_tune_shaker_cli_flattens_a_hot_spot_to_two_percent(tmp_path):
+    bl = _start(tmp_path)
+    try:
+        _wait_for(lambda: (_get(bl.live_pv("PROCESSED")) or 0) > 3, 60, "results")
+        epics.Motor(bl.sim_pv("SHAKER:AMP")).move(0.0, wait=True, timeout=30)  # parked
+        _put(bl.sim_pv("SHAKER:FREQ"), 45.0)  # 2.25 periods per 50 ms exposure
+        cv_hot = _wait_for(lambda: (v := _get(bl.sim_pv(pvnames.TRUTH_PVS["uniformity_cv"])))
+                           and v > 0.15 and v, 30, "the hot spot")
+        out, _ = _cli(bl, "tune-shaker", timeout_s=200)
+        assert out["verdict"] == "resolved", out["reason"]
+        for key in ("frequency_hz", "amplitude_um", "uniformity_cv", "frames_used"):
+            assert out[key] is not None, key
+        assert out["frequency_hz"] * 0.05 == pytest.approx(round(out["frequency_hz"] * 0.05))
+        assert out["uniformity_cv"] <= 0.02
+        assert abs(_get(bl.sim_pv("SHAKER:AMP.RBV")) - out["amplitude_um"]) < 0.01
+        assert _get(bl.sim_pv("SHAKER:FREQ.RBV")) == pytest.approx(out["frequency_hz"])
+        # The simulator's own field: from a hot spot to flat within the target.
+        cv_after = _get(bl.sim_pv(pvnames.TRUTH_PVS["uniformity_cv"]))
+        assert cv_after <= 0.02, (cv_hot, cv_after, out)
+        assert _get(bl.sim_pv(pvnames.CAM_FRAME_TYPE), as_string=True) == "Normal"
+        print(f"shaker: truth CV {cv_hot:.3f} -> {cv_after:.4f} (measured "
+              f"{out['uniformity_cv']:.4f}) at {out['amplitude_um']:.3f} um, "
+              f"{out['frequency_hz']:g} Hz, {out['frames_used']} frames")
+    finally:
+        codes = _stop(bl)
+    assert codes == {"run": 0, "sim": 0}
 
 
 @pytest.mark.timeout(150)

@@ -79,7 +79,8 @@ def test_values_agree_with_the_functions_on_the_default_roi(frame):
     assert result["total_counts"] == pytest.approx(float(frame.sum(dtype=np.float64)), rel=1e-9)
     assert result["mean_counts"] == pytest.approx(float(frame.mean(dtype=np.float64)), rel=1e-9)
     binned = bin_image(frame, 8)
-    assert result["uniformity_cv"] == pytest.approx(illumination_uniformity(binned, 2.0, 0.5))
+    assert result["uniformity_cv"] == pytest.approx(illumination_uniformity(
+        binned, MetricsConfig().uniformity_sigma_px, MetricsConfig().fov_fraction))
 
 
 def test_centroid_in_full_frame_pixels_and_um_from_the_centre():

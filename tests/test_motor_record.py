@@ -251,6 +251,19 @@ def test_epics_motor_actuator(record):
     assert -7.5 < motor.position < 50.0
 
 
+def test_epics_motor_small_unwaited_move_is_never_done_before_it_reaches_its_target(record):
+    # The executor polls `moving` and the readback against a tolerance right after an
+    # un-waited put; a step below the tolerance must not look done at its start position.
+    motor = EpicsMotor(record.prefix, name="shaker_amp_um")
+    target = 0.0
+    for _ in range(20):
+        target += 0.013
+        motor.move(target, wait=False)
+        assert motor.moving or motor.position == pytest.approx(target, abs=1e-9)
+        assert _wait_for(lambda: not motor.moving, timeout=2)
+        assert motor.position == pytest.approx(target, abs=1e-9)
+
+
 def test_epics_motor_on_a_missing_record_is_a_connection_error(record):
     with pytest.raises(ConnectionError, match="did not connect"):
         EpicsMotor(record.prefix + "NOPE", connect_timeout=0.3)

@@ -36,10 +36,11 @@ def test_whole_period_frequency(freq, exposure, limits, periods, expected):
         whole_period_frequency(freq, 0.0, limits)
 
 
-def shaker_bench(spot_fwhm_fields: float = 1.5, structure: float = 0.02, **kw) -> SimBench:
+def shaker_bench(spot_fwhm_fields: float | None = None, **kw) -> SimBench:
+    """The simulator's condenser (or a spot ``spot_fwhm_fields`` field widths wide), parked."""
     guard = default_guard(shaker_amp_um=RoleLimits(0.0, 4.0, 5.0, 0.001))
-    bench = SimBench(sim_params(spot_fwhm_um=spot_fwhm_fields * FIELD_UM,
-                                spot_structure=structure, **kw), guard)
+    spot = None if spot_fwhm_fields is None else spot_fwhm_fields * FIELD_UM
+    bench = SimBench(sim_params(spot_fwhm_um=spot, **kw), guard)
     bench.actuators["shaker_amp_um"].move(0.0)  # parked: a hot spot
     bench.actuators["shaker_freq_hz"].move(45.0)  # 2.25 periods per 50 ms exposure
     return bench
@@ -68,8 +69,8 @@ def test_tuning_from_a_hot_spot_reaches_two_percent():
 
 
 def test_unreachable_target_is_ambiguous_and_restores_the_start():
-    # The default condenser spot (0.7 field FWHM on a 0.5-field circle) cannot get below ~5 %.
-    bench = shaker_bench(spot_fwhm_fields=0.7, structure=0.1)
+    # A condenser spot 0.7 field widths wide on a circle cannot get below ~6 %.
+    bench = shaker_bench(spot_fwhm_fields=0.7, spot_structure=0.1)
     done = bench.run(tune_shaker(bench.guard))
     assert done.verdict == Verdict.AMBIGUOUS, done.reason
     assert done.result["uniformity_cv"] > 0.02

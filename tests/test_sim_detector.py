@@ -272,7 +272,7 @@ def test_truth_follows_the_optics() -> None:
 
 
 def test_defocus_lowers_high_frequency_power_and_cutoff() -> None:
-    sim = make_sim(256, flux_counts_per_s=3e6)
+    sim = make_sim(256, flux_counts_per_s=2e6)
     state = sim.default_state()
     ratios, cutoffs = {}, {}
     for z in (0.0, 4.0, -4.0, 8.0, -8.0):
@@ -306,7 +306,7 @@ def test_condenser_fill_extends_the_transfer_beyond_the_coherent_cutoff() -> Non
 
 
 def test_weak_phase_fringes_grow_with_defocus() -> None:
-    sim = make_sim(256, sample="weak_phase", flux_counts_per_s=3e6)
+    sim = make_sim(256, sample="weak_phase", flux_counts_per_s=2e6)
     state = sim.default_state()
     flat, _ = sim.render(dataclasses.replace(state, frame_type="FlatField"), 0.0)
     yy, xx = np.mgrid[0:256, 0:256] - 127.5
@@ -317,7 +317,7 @@ def test_weak_phase_fringes_grow_with_defocus() -> None:
         ratio = (image - 100.0) / (flat - 100.0)
         return float(ratio[inner].std())
     c = {z: contrast(z) for z in (0.0, 2.0, 4.0, 8.0, -4.0)}
-    noise = math.sqrt(2 / (3e6 * 0.05 * 0.25))  # two frames, ~1/4 of the peak flux
+    noise = math.sqrt(2 / float(np.mean(flat[inner] - 100.0)))  # photon noise of two frames
     assert c[0.0] < 2.0 * noise  # in focus: almost invisible
     assert c[0.0] < c[2.0] < c[4.0] < c[8.0]
     assert c[8.0] > 2.5 * c[0.0]
@@ -349,7 +349,7 @@ def test_sample_stage_moves_the_sample() -> None:
 
 
 def test_flat_frames_have_no_sample() -> None:
-    sim = make_sim(128, flux_counts_per_s=3e6)
+    sim = make_sim(128, flux_counts_per_s=2e6)
     state = sim.default_state()
     data, truth = sim.render(state, 0.0)
     assert truth["sample_in_view"] and truth["kind"] == "data"
@@ -415,7 +415,7 @@ def test_saturation_clips_at_65535() -> None:
 
 
 def test_whole_shaker_periods_give_a_repeatable_more_uniform_field() -> None:
-    sim = make_sim(128, sample="blank", flux_counts_per_s=3e6)
+    sim = make_sim(128, sample="blank", flux_counts_per_s=2e6)
 
     def flats(freq_hz: float) -> tuple[list[np.ndarray], list[float]]:
         state = dataclasses.replace(sim.default_state(), shaker_freq_hz=freq_hz)
@@ -428,7 +428,7 @@ def test_whole_shaker_periods_give_a_repeatable_more_uniform_field() -> None:
     assert np.std(part[1] / part[0]) > 10 * noise  # the field itself changed
     assert cv_whole[0] == cv_whole[1] == cv_whole[2]
     assert min(cv_part) > 3 * cv_whole[0]
-    assert max(cv_part) - min(cv_part) > 0.01
+    assert max(cv_part) - min(cv_part) > 0.002  # the arc's phase changes the field
     measured = whole[0].reshape(16, 8, 16, 8).mean(axis=(1, 3))
     assert measured.std() / measured.mean() == pytest.approx(cv_whole[0], rel=0.1)
 
@@ -437,7 +437,7 @@ def test_larger_shaker_amplitude_flattens_dims_and_fills() -> None:
     sim = make_sim(128, sample="blank")
     state = sim.default_state()
     cvs, peaks, fills = [], [], []
-    for fraction in (0.0, 0.25, 0.5, 0.75, 1.0):
+    for fraction in (0.0, 0.25, 0.5, 0.75, 1.0, 1.5):
         image, truth = sim.render(
             dataclasses.replace(state, shaker_amp_um=fraction * sim.params.fill_amp), 0.0)
         blocks = (image - 100.0).reshape(16, 8, 16, 8).mean(axis=(1, 3))
@@ -445,10 +445,10 @@ def test_larger_shaker_amplitude_flattens_dims_and_fills() -> None:
         peaks.append(blocks.max())
         fills.append(truth["fill"])
     assert np.all(np.diff(cvs) < 0) and np.all(np.diff(peaks) < 0)
-    assert cvs[0] > 0.4 and cvs[-1] < 0.1  # a hot spot, then a flat field
-    assert fills[0] == sim.params.fill_static and fills[-1] == 1.0
-    assert np.all(np.diff(fills) > 0)
-    beyond = sim.render(dataclasses.replace(state, shaker_amp_um=2 * sim.params.fill_amp),
+    assert cvs[0] > 0.15 and cvs[-1] < 0.025  # a hot spot, then a flat field
+    assert fills[0] == sim.params.fill_static and fills[-2] == fills[-1] == 1.0
+    assert np.all(np.diff(fills[:-1]) > 0)
+    beyond = sim.render(dataclasses.replace(state, shaker_amp_um=2.5 * sim.params.fill_amp),
                         0.0)[1]
     assert beyond["fill"] == 1.0  # saturated; the field turns into a ring
     assert beyond["uniformity_cv"] > cvs[-1]
@@ -506,7 +506,7 @@ def test_drift_and_jumps_move_the_beam() -> None:
 
 
 def test_vibration_shifts_each_frame() -> None:
-    sim = make_sim(128, vibration_rms_nm=30.0, flux_counts_per_s=3e6)
+    sim = make_sim(128, vibration_rms_nm=30.0, flux_counts_per_s=2e6)
     state = sim.default_state()
     flat = sim.render(dataclasses.replace(state, frame_type="FlatField"), 0.0)[0] - 100.0
     renders = [sim.render(state, 0.05 * k) for k in range(6)]

@@ -86,7 +86,7 @@ def _metrics_engine(config: Config) -> MetricsEngine:
         return MetricsEngine(MetricsConfig(
             roi=tuple(m.roi) if m.roi else None, pixel_nm=m.pixel_nm,
             dr_nm=m.dr_nm or None, band_per_um=tuple(m.band_per_um), threshold=m.threshold,
-            bin_factor=m.bin_factor))
+            bin_factor=m.bin_factor, centroid_fraction=m.centroid_fraction))
     except ValueError as exc:
         raise ConfigError(f"[metrics] {exc}") from exc
 

@@ -92,6 +92,12 @@ class Metrics:
                                  "noise floor", min_value=1)
     bin_factor: int = _opt(8, "binning of the full frame for centroid and uniformity",
                            min_value=1)
+    centroid_fraction: float = _opt(
+        0.9,
+        "beam centroid background as a fraction of the binned frame's maximum, [0, 1): 0 = "
+        "centre of mass of the whole field; 0.9 follows the brightest part of the "
+        "illumination, which still moves with the beam once the shaker has flattened the "
+        "field", min_value=0)
 
 
 @dataclass

@@ -27,7 +27,6 @@ from typing import Any
 from feedback.optics import depth_of_focus_um
 from hw import pvnames
 from hw.epics_env import free_ca_port
-from hw.sim.detector import SimParams
 from txmlive.config import Config, render_config
 from txmlive.ports import free_tcp_url
 
@@ -140,10 +139,6 @@ class Demo:
         c.sim.size, c.sim.fps = self.size, self.fps
         c.sim.focus_offset_um = self.focus_offset_um
         c.sim.beam_drift_px_per_s = self.drift_px_per_s
-        # The shaker motor's travel is far wider than a small simulated field: scan the
-        # amplitude over twice the simulator's full-fill amplitude only (beyond it the spot
-        # leaves the field and the flats go dark).
-        c.feedback.shaker_amp_range_um = [0.0, 2.0 * SimParams(size_px=self.size).fill_amp]
         path = self.out_dir / "demo.toml"
         path.write_text(render_config(c))
         return path

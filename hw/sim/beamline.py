@@ -227,6 +227,11 @@ class SimBeamline:
                                 initial={role: getattr(start, role)
                                          for role in pvnames.MOTOR_ROLES})
         motors["zp_z_um"] = replace(motors["zp_z_um"], velocity=ZP_Z_VELOCITY_UM_S)
+        # The shaker's travel matches the simulated condenser: circles up to two field widths
+        # (the illumination grid; wider ones throw the light away), so a scan over the whole
+        # travel samples the scaled-down field as finely at 256 px as at 2048 px.
+        motors["shaker_amp_um"] = replace(motors["shaker_amp_um"],
+                                          high=2.0 * self.params.reference_field_um)
         self.ioc = SimIOC(
             SimIOCConfig(motors=motors, exposure_s=start.exposure_s,
                          frame_type=start.frame_type, shutter_open=start.shutter_open,

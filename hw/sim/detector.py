@@ -5,7 +5,7 @@ motor/beam state (:class:`BeamlineState`) at a time ``t_s``:
 ``Simulator(params).render(state, t_s) -> (image uint16 (N, N), truth dict)``. The simulated
 IOC sets the state from its motor records; nothing here does I/O.
 
-Scale: a detector of N pixels sees a scaled-down beamline. The spot (FWHM 0.7×), the shaker
+Scale: a detector of N pixels sees a scaled-down beamline. The spot (FWHM 1.2×), the shaker
 amplitude of full fill (0.5×) and the sample layout (:mod:`hw.sim.samples`) default to
 fractions of the reference field (N × 9.94 nm, 20.4 µm at N = 2048), so every N shows the
 same picture; the physical lengths that set resolution (zone plate, finest sample features,
@@ -39,8 +39,11 @@ Image formation (per frame)
    ``ν`` Hz, phase ``2πν·t`` at exposure start. An exposure of ``P = ν·τ`` periods integrates
    ``⌊P⌋`` whole circles (64 points, independent of phase: repeatable, cached) plus an arc of
    the remaining fraction starting at the exposure's phase (varies frame to frame). Small
-   ``A``: a hot spot; ``A ≈ fill_amp_um`` (default half the reference field): the flattest
-   field, about 4× dimmer at the peak; larger ``A``: a ring with a dim centre. The fill of
+   ``A``: a hot spot (default spot: field CV ≈ 20 %); ``A ≥ fill_amp_um`` (default half the
+   reference field) fills the ZP aperture; ``A ≈ 1.5 × fill_amp_um``: the flattest field
+   (CV ≈ 1.3 %), about 3× dimmer at the peak; larger ``A``: a ring with a dim centre. The
+   default spot is a 1.2-field-wide capillary focus with 5 % figure structure, so that a
+   tuned shaker can flatten the field to the 2 % a flat correction needs. The fill of
    the ZP aperture is ``σ = σ₀ + (1 − σ₀)·min(1, A/A_fill)·min(1, P)`` with
    ``σ₀ = fill_static`` (unscanned condenser). The averaged spot lives on a coarse grid
    (257², 4 fields wide, in px relative to the spot centre) and is interpolated per pixel;
@@ -163,12 +166,12 @@ class SimParams:
     focus_offset_um : float
         Hidden shift of the true focus from its nominal ZP position, µm.
     spot_fwhm_um : float or None
-        FWHM of the condenser spot at the sample, µm; None: 0.7 × the reference field width.
+        FWHM of the condenser spot at the sample, µm; None: 1.2 × the reference field width.
     spot_structure : float
         Relative RMS of the spot's random structure (0: a clean Gaussian).
     fill_amp_um : float or None
         Shaker amplitude that fills the ZP aperture (σ = 1), µm; None: 0.5 × the reference
-        field width (where the full-period field is flattest).
+        field width.
     fill_static : float
         Condenser fill σ₀ without scanning, 0…1.
     flux_counts_per_s : float
@@ -203,7 +206,7 @@ class SimParams:
     objective_medium: float = 20.0 / 3.0
     focus_offset_um: float = 0.0
     spot_fwhm_um: float | None = None
-    spot_structure: float = 0.1
+    spot_structure: float = 0.05
     fill_amp_um: float | None = None
     fill_static: float = 0.2
     flux_counts_per_s: float = 1.0e6
@@ -289,7 +292,7 @@ class SimParams:
     def spot_fwhm(self) -> float:
         """Condenser spot FWHM in use, µm."""
         return self.spot_fwhm_um if self.spot_fwhm_um is not None \
-            else 0.7 * self.reference_field_um
+            else 1.2 * self.reference_field_um
 
     @property
     def fill_amp(self) -> float:
