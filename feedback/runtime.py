@@ -388,6 +388,7 @@ class FeedbackRuntime:
             x = self._override.get("x", float(base[0]))
             y = self._override.get("y", float(base[1]))
             self._beam.set_setpoint(x, y)
+            self._show_setpoint(self._beam)
 
     def _make_beam(self, result: Result) -> BeamFeedback | None:
         """The controller, once the setpoints are known (from the first frame if held)."""
@@ -405,7 +406,13 @@ class FeedbackRuntime:
         beam = BeamFeedback(self._beam_guard, self._response, table, self.settings.beam)
         beam.enable(self._clock_ns())
         log.info("beam loop: setpoints %s px", table.as_list())
+        self._show_setpoint(beam)
         return beam
+
+    def _show_setpoint(self, beam: BeamFeedback) -> None:
+        """Put the setpoint the loop holds now (at the last energy) on the setpoint PVs."""
+        x, y = beam.setpoints.at(self._last_energy)
+        self._set_state(beamfb_setpoint_x_px=float(x), beamfb_setpoint_y_px=float(y))
 
     def _beam_cycle(self) -> None:
         result = self._latest.take(0)

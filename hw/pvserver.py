@@ -376,10 +376,12 @@ class PvServer:
     def set_state(self, **values: str | float | bool) -> None:
         """Report feedback state (any thread, keep-latest): keywords from
         :data:`hw.pvnames.LIVE_STATE_PVS` (``af_state="running"``, ``af_best_z_um=3.2`` ...),
-        or ``beamfb_enable`` to switch the loop's enable off/on from the server side (that
-        write makes no command)."""
+        ``beamfb_enable`` to switch the loop's enable off/on from the server side, or
+        ``beamfb_setpoint_x_px``/``_y_px`` to show the setpoints the loop holds (these writes
+        make no command)."""
+        controls = ("beamfb_enable", "beamfb_setpoint_x_px", "beamfb_setpoint_y_px")
         known = {**pvnames.LIVE_STATE_PVS,
-                 "beamfb_enable": pvnames.LIVE_COMMAND_PVS["beamfb_enable"]}
+                 **{key: pvnames.LIVE_COMMAND_PVS[key] for key in controls}}
         unknown = sorted(set(values) - set(known))
         if unknown:
             raise KeyError(f"unknown state keys {unknown}; known: {sorted(known)}")
@@ -389,6 +391,10 @@ class PvServer:
                 with self.group._lock:
                     self.group._controls["beamfb_enable"] = bool(value)
                 value = "On" if value else "Off"
+            elif key in controls:
+                value = float(value)
+                with self.group._lock:
+                    self.group._controls[key] = value
             elif isinstance(value, str) and len(value.encode()) > 39:
                 raise ValueError(f"{key}: {value!r} is longer than a CA string (39 bytes)")
             writes[self.pv(known[key])] = value

@@ -52,6 +52,9 @@ def test_headless_demo_end_to_end(tmp_path):
         pytest.fail(f"demo exited {proc.returncode}:\n{proc.stderr[-3000:]}\n{detail}")
     summary = json.loads(proc.stdout)
     af = summary["autofocus"]
+    shaker = summary["shaker"]
+    assert shaker["verdict"] == "resolved" and shaker["start_truth_cv"] > 0.15
+    assert shaker["uniformity_cv"] <= 0.02 and shaker["truth_cv"] <= 0.02
     assert af["verdict"] == "resolved"
     assert abs(af["best_z_um"] - af["truth_z_um"]) <= af["dof_um"] / 10
     beam = summary["beam"]

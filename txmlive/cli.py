@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import signal
 import sys
 import threading
@@ -258,6 +259,8 @@ def cmd_sim(args: argparse.Namespace, config: Config) -> int:
                          else args.focus_offset_um),
         beam_drift_px_per_s=(sim.beam_drift_px_per_s if args.beam_drift_px_per_s is None
                              else args.beam_drift_px_per_s),
+        beam_jump_px=sim.beam_jump_px,
+        beam_jump_interval_s=sim.beam_jump_interval_s or math.inf,
         vibration_nm=sim.vibration_nm if args.vibration_nm is None else args.vibration_nm,
         seed=sim.seed if args.seed is None else args.seed,
         sample=args.sample or sim.sample)

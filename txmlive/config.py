@@ -154,6 +154,10 @@ class Sim:
     sample: str = _opt("siemens", "sample", choices=("siemens", "battery", "blank", "weak_phase"))
     focus_offset_um: float = _opt(0.0, "hidden offset of the true focus from nominal, um")
     beam_drift_px_per_s: float = _opt(0.0, "drift of the beam spot, px/s", min_value=0)
+    beam_jump_px: float = _opt(20.0, "size of the beam spot's sudden jumps, px", min_value=0)
+    beam_jump_interval_s: float = _opt(600.0, "mean interval between beam jumps (as after a "
+                                              "top-up injection), s; 0 = no jumps",
+                                       min_value=0)
     vibration_nm: float = _opt(0.0, "random image vibration, nm RMS", min_value=0)
     seed: int = _opt(0, "random seed")
 

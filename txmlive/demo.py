@@ -179,6 +179,19 @@ class Demo:
             self._wait_frames(epics, REFERENCE_FRAMES + 2, step)
         epics.caput(self._sim_pv("CAM:FrameType"), "Normal", wait=True, timeout=5)
 
+    def _truth(self, epics: Any, key: str) -> float:
+        """A ground-truth value of the simulator (for the summary; the loops never see it)."""
+        name = self._sim_pv(pvnames.TRUTH_PVS[key])
+        value = epics.caget(name, use_monitor=False, timeout=5)
+        if value is None:
+            raise DemoError(f"no value from {name}")
+        return float(value)
+
+    def _put_motor(self, epics: Any, record: str, value: float, step: str) -> None:
+        if epics.caput(self._sim_pv(record), value, wait=True, timeout=60) != 1:
+            raise DemoError(f"step '{step}': {record} put {value} failed")
+        self._wait_frames(epics, 2, step)
+
     def _status(self, epics: Any) -> dict[str, Any]:
         def get(name: str) -> Any:
             return epics.caget(self._pv(name), use_monitor=False, timeout=2)
@@ -232,16 +245,25 @@ class Demo:
             self._wait_frames(epics, 3, "stream")
             self.say("darks and flats")
             self._references(epics, ("Background", "FlatField"), "references")
-            self.say("tuning the shaker on flats (txmlive tune-shaker)")
+            # Start the shaker story from a parked condenser: a visible hot spot.
+            self._put_motor(epics, "SHAKER:AMP", 0.0, "park the shaker")
+            cv_hot = self._truth(epics, "uniformity_cv")
+            self.say(f"shaker parked: hot spot, field CV {cv_hot:.3f}; tuning it on flats "
+                     "(txmlive tune-shaker)")
             epics.caput(self._sim_pv("CAM:FrameType"), "FlatField", wait=True, timeout=5)
-            summary["shaker"] = _cli_json(["tune-shaker", *cfg], "shaker tuning", 300,
-                                          self.out_dir)
-            self.say(f"shaker: {summary['shaker'].get('verdict')}; fresh flats")
+            shaker = _cli_json(["tune-shaker", *cfg], "shaker tuning", 300, self.out_dir)
+            self._wait_frames(epics, 2, "shaker tuning")
+            shaker["start_truth_cv"] = cv_hot
+            shaker["truth_cv"] = self._truth(epics, "uniformity_cv")
+            summary["shaker"] = shaker
+            measured = shaker.get("uniformity_cv")
+            self.say(f"shaker: {shaker.get('verdict')}, field CV {shaker['truth_cv']:.4f} "
+                     f"(measured {'-' if measured is None else format(measured, '.4f')}); "
+                     "fresh flats")
             self._references(epics, ("FlatField",), "fresh flats")
             self.say("autofocus (txmlive autofocus)")
             autofocus = _cli_json(["autofocus", *cfg], "autofocus", 300, self.out_dir)
-            truth = epics.caget(self._sim_pv(pvnames.TRUTH_PVS["focus_z_um"]),
-                                use_monitor=False, timeout=5)
+            truth = self._truth(epics, "focus_z_um")
             autofocus["truth_z_um"] = truth
             if autofocus.get("best_z_um") is not None and truth is not None:
                 autofocus["error_um"] = autofocus["best_z_um"] - truth

@@ -176,6 +176,9 @@ class SimBeamline:
         :data:`MAX_FOCUS_OFFSET_UM`); clients see it only through ``TRUTH:FOCUS_Z_UM``.
     beam_drift_px_per_s : float
         Drift of the illumination spot, reference px/s (≥ 0).
+    beam_jump_px, beam_jump_interval_s : float
+        Size of the spot's sudden jumps, reference px, and their mean interval, s (``inf``:
+        none); see :class:`~hw.sim.detector.SimParams`.
     vibration_nm : float
         Random per-frame image shift, RMS per axis, nm (≥ 0).
     seed : int
@@ -194,7 +197,8 @@ class SimBeamline:
     def __init__(self, *, prefix: str = pvnames.DEFAULT_SIM_PREFIX, ca_port: int = 5064,
                  bind: str = "tcp://127.0.0.1:5555", size: int = 2048, fps: float = 10.0,
                  energy_ev: float = 8000.0, focus_offset_um: float = 0.0,
-                 beam_drift_px_per_s: float = 0.1, vibration_nm: float = 2.0, seed: int = 0,
+                 beam_drift_px_per_s: float = 0.1, beam_jump_px: float = 20.0,
+                 beam_jump_interval_s: float = 600.0, vibration_nm: float = 2.0, seed: int = 0,
                  sample: str = "siemens") -> None:
         if isinstance(fps, bool) or not isinstance(fps, int | float) \
                 or not (math.isfinite(fps) and fps > 0):
@@ -211,7 +215,8 @@ class SimBeamline:
             raise ValueError(f"energy_ev must be in {lo_ev:g}..{hi_ev:g} eV, got {energy_ev!r}")
         self.params = SimParams(
             size_px=size, sample=sample, seed=seed, focus_offset_um=float(focus_offset_um),
-            drift_px_per_s=beam_drift_px_per_s, vibration_rms_nm=vibration_nm)
+            drift_px_per_s=beam_drift_px_per_s, jump_px=beam_jump_px,
+            jump_interval_s=beam_jump_interval_s, vibration_rms_nm=vibration_nm)
         self.prefix = prefix
         self.bind = bind
         self.fps = float(fps)
