@@ -492,6 +492,8 @@ class CalibrationConfig:
         A motor whose ``δ`` moves the centroid by less than this is not steering (``flat``).
     max_residual_px : float
         Largest RMS residual of the fit (a beam jump during the calibration exceeds it).
+    attempts : int
+        Times the seven points are measured afresh while the residual says the beam jumped.
     max_condition : float
         Largest accepted condition number.
     intensity : IntensityRule
@@ -508,8 +510,11 @@ class CalibrationConfig:
     max_condition: float = 20.0
     intensity: IntensityRule = field(default_factory=IntensityRule)
     timeout_s: float | None = None
+    attempts: int = 3
 
     def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError(f"attempts must be >= 1, got {self.attempts}")
         if len(self.delta) != 2 or not all(d > 0 and math.isfinite(d) for d in self.delta):
             raise ValueError(f"CalibrationConfig.delta must be two steps > 0, got {self.delta!r}")
         if self.frames_per_point < 1:
@@ -560,8 +565,8 @@ def calibrate_response(guard: Guard, config: CalibrationConfig | None = None) ->
         ``Done.result``: ``verdict``, ``response`` (:meth:`ResponseMatrix.as_dict`, when
         resolved), ``drift_px_per_s``, ``residual_px``, ``frames_used``. Verdicts:
         ``resolved``; ``flat`` when a motor does not move the centroid; ``ambiguous`` when the
-        fit is poor (a jump) or the matrix ill-conditioned; ``aborted``. The motors end where
-        they started.
+        fit stays poor (a jump) in every one of ``attempts`` measurements or the matrix is
+        ill-conditioned; ``aborted``. The motors end where they started.
     """
     cfg = config if config is not None else CalibrationConfig()
     return _calibrate(Motion(guard), cfg)
@@ -584,15 +589,16 @@ def _calibrate(motion: Motion, cfg: CalibrationConfig) -> Procedure:
     return done
 
 
-def _calibration(motion: Motion, cfg: CalibrationConfig, samples: list, state: dict
-                 ) -> Generator[Command, Any, tuple[Verdict, str, dict[str, Any]]]:
+def _measure_pattern(motion: Motion, cfg: CalibrationConfig, start: tuple[float, float],
+                     samples: list, state: dict
+                     ) -> Generator[Command, Any, tuple[np.ndarray, np.ndarray, float] | str]:
+    """Centroids at the seven points around ``start``, fitted; a reason string to abort."""
     rx, ry = cfg.roles
-    x0 = yield from motion.read(rx)
-    y0 = yield from motion.read(ry)
     dx, dy = cfg.delta
+    taken_here: list[tuple[float, float, float, float, float]] = []
     pattern = [(0, 0), (dx, 0), (-dx, 0), (0, 0), (0, dy), (0, -dy), (0, 0)]
     for ox, oy in pattern:
-        for role, target in ((rx, x0 + ox), (ry, y0 + oy)):
+        for role, target in ((rx, start[0] + ox), (ry, start[1] + oy)):
             if motion.position[role] != target:
                 yield from motion.move(role, target, "steering response calibration")
         for _attempt in range(2):
@@ -608,29 +614,50 @@ def _calibration(motion: Motion, cfg: CalibrationConfig, samples: list, state: d
                 counts = metric(r, "mean_counts")
                 pause = cfg.intensity.check(counts, state["reference"])
                 if pause is not None:
-                    return Verdict.ABORTED, f"{pause} (mean counts {counts!r})", {}
+                    return f"{pause} (mean counts {counts!r})"
                 state["reference"] = state["reference"] or counts
                 cx, cy = metric(r, "centroid_x_px"), metric(r, "centroid_y_px")
                 if cx is None or cy is None:
                     continue
                 state["pixel_nm"] = state["pixel_nm"] or finite_or_none(r.get("pixel_nm"))
-                samples.append((r["t_ns"] * 1e-9, float(ox), float(oy), cx, cy))
+                taken_here.append((r["t_ns"] * 1e-9, float(ox), float(oy), cx, cy))
                 taken += 1
             if taken:
                 break
         else:
-            return Verdict.ABORTED, f"no usable centroid at offset ({ox:g}, {oy:g})", {}
-    arr = np.asarray(samples)
-    response, drift, residual = fit_response(arr[:, 0], arr[:, 1:3], arr[:, 3:5])
-    info = {"drift_px_per_s": drift.tolist(), "residual_px": residual,
-            "response_px_per_unit": response.tolist()}
+            return f"no usable centroid at offset ({ox:g}, {oy:g})"
+    samples.extend(taken_here)
+    arr = np.asarray(taken_here)
+    return fit_response(arr[:, 0], arr[:, 1:3], arr[:, 3:5])
+
+
+def _calibration(motion: Motion, cfg: CalibrationConfig, samples: list, state: dict
+                 ) -> Generator[Command, Any, tuple[Verdict, str, dict[str, Any]]]:
+    rx, ry = cfg.roles
+    x0 = yield from motion.read(rx)
+    y0 = yield from motion.read(ry)
+    dx, dy = cfg.delta
+    for attempt in range(1, cfg.attempts + 1):
+        fit = yield from _measure_pattern(motion, cfg, (x0, y0), samples, state)
+        if isinstance(fit, str):
+            return Verdict.ABORTED, fit, {}
+        response, drift, residual = fit
+        info = {"drift_px_per_s": drift.tolist(), "residual_px": residual,
+                "response_px_per_unit": response.tolist(), "attempts": attempt}
+        if residual <= cfg.max_residual_px:
+            break
+        if attempt < cfg.attempts:
+            yield Log(f"calibration: fit residual {residual:.3g} px > {cfg.max_residual_px:g} "
+                      f"px (a beam jump?); measuring again ({attempt + 1}/{cfg.attempts})",
+                      "warning", info)
+    else:
+        return Verdict.AMBIGUOUS, (f"fit residual {residual:.3g} px > {cfg.max_residual_px:g} px "
+                                   f"in {cfg.attempts} attempt(s) (beam jumps during the "
+                                   "calibration?); repeat it"), info
     moved = np.hypot(response[0], response[1]) * np.array([dx, dy])
     if np.any(moved < cfg.min_response_px):
         return Verdict.FLAT, (f"the centroid moved only {moved.round(3).tolist()} px for steps "
                               f"of {list(cfg.delta)}: not steering"), info
-    if residual > cfg.max_residual_px:
-        return Verdict.AMBIGUOUS, (f"fit residual {residual:.3g} px > {cfg.max_residual_px:g} px "
-                                   "(a beam jump during the calibration?); repeat it"), info
     matrix = ResponseMatrix(tuple(map(tuple, response.tolist())), state["pixel_nm"], cfg.roles)
     try:
         check_response(matrix, cfg.max_condition)

@@ -20,7 +20,7 @@ from feedback.beam import (
     check_response,
     fit_response,
 )
-from feedback.commands import Acquire, Command, Move, MoveDone, Read, Verdict, drive
+from feedback.commands import Acquire, Command, Log, Move, MoveDone, Read, Verdict, drive
 from feedback.safety import Guard, PauseReason, RoleLimits
 
 TRUE_R = np.array([[10.0, 1.0], [-0.5, 10.0]])  # px per unit, as the simulator's default
@@ -133,12 +133,36 @@ def test_calibration_recovers_the_response_despite_drift():
     assert guard.refusals == []
 
 
-def test_calibration_refuses_a_jump_no_response_and_an_ill_conditioned_matrix():
+def jumpy_model(jump_times: list[float]) -> BeamModel:
+    model = BeamModel(jump_interval_s=1.5, seed=2, duration_s=30.0)
+    model.jump_times = jump_times
+    model.jump_vectors = [np.array([20.0, 0.0]) for _ in jump_times]
+    return model
+
+
+def test_calibration_measures_again_after_a_jump():
     guard = beam_guard()
-    jumpy = BeamModel(jump_interval_s=1.5, seed=2, duration_s=20.0)
-    jumpy.jump_times, jumpy.jump_vectors = [7.0], [np.array([20.0, 0.0])]
-    done = drive(calibrate_response(guard), CalibrationBench(jumpy, guard).handle)
+    bench = CalibrationBench(jumpy_model([7.0]), guard)
+    logs: list[Log] = []
+
+    def handle(command):
+        if isinstance(command, Log):
+            logs.append(command)
+        return bench.handle(command)
+    done = drive(calibrate_response(guard), handle)
+    assert done.verdict == Verdict.RESOLVED, done.reason
+    assert done.result["attempts"] == 2 and any("measuring again" in m.message for m in logs)
+    np.testing.assert_allclose(done.result["response"]["px_per_unit"], TRUE_R, atol=0.2)
+    assert done.result["frames_used"] == 2 * 7 * CalibrationConfig().frames_per_point
+
+
+def test_calibration_refuses_jumps_no_response_and_an_ill_conditioned_matrix():
+    guard = beam_guard()
+    jumpy = jumpy_model([7.0])
+    done = drive(calibrate_response(guard, CalibrationConfig(attempts=1)),
+                 CalibrationBench(jumpy, guard).handle)
     assert done.verdict == Verdict.AMBIGUOUS and "jump" in done.reason
+    assert jumpy.u == {"beam_x": 0.0, "beam_y": 0.0}
     dead = BeamModel(response=np.zeros((2, 2)), seed=3)
     done = drive(calibrate_response(guard), CalibrationBench(dead, guard).handle)
     assert done.verdict == Verdict.FLAT, done.reason

@@ -4,7 +4,8 @@ commands as processes, the operator's PVs over Channel Access, scored against th
 
 - ``txmlive autofocus`` from 1.4 DOF off the hidden focus: ``resolved`` within DOF/10 with at
   most 15 frames; the same through ``AF:START`` on the pipeline's PV server;
-- ``txmlive energy-scan`` over a few steps: the ZP within DOF/5 of the true focus at each;
+- ``txmlive energy-scan`` over 100 eV around 8.3 keV: the ZP within DOF/5 of the true focus
+  at each step;
 - ``txmlive tune-shaker`` from a parked shaker (a hot spot): the simulator's field CV ≤ 2 %;
 - ``BEAMFB:ENABLE`` with no response matrix: calibration, then the centroid held on the
   setpoint against 1 px/s of drift (≤ 1 px RMS), the true spot held still; and, on a field
@@ -110,14 +111,15 @@ def _put(name: str, value: Any) -> None:
     assert epics.caput(name, value, wait=True, timeout=5) == 1, name
 
 
-def _wait_for(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
+def _wait_for(predicate: Callable[[], Any], timeout_s: float, what: str,
+              detail: Callable[[], str] | None = None) -> Any:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what}" + (f"\n{detail()}" if detail else ""))
 
 
 def _cli(beamline: Beamline, *args: str, timeout_s: float) -> tuple[dict[str, Any], str]:
@@ -175,20 +177,20 @@ def test_autofocus_from_the_pv_server(focus_beamline):
 @pytest.mark.timeout(150)
 def test_energy_scan_keeps_focus_within_a_fifth_of_the_dof(focus_beamline):
     bl = focus_beamline
-    out, _ = _cli(bl, "energy-scan", "--start-ev", "8300", "--stop-ev", "8360", "--step-ev",
+    out, _ = _cli(bl, "energy-scan", "--start-ev", "8250", "--stop-ev", "8350", "--step-ev",
                   "20", timeout_s=120)
     assert out["verdict"] == "resolved", out["reason"]
     params = SimParams(size_px=SIZE)
     steps = out["steps"]
-    assert [s["energy_ev"] for s in steps] == [8300.0, 8320.0, 8340.0, 8360.0]
+    assert [s["energy_ev"] for s in steps] == [8250.0, 8270.0, 8290.0, 8310.0, 8330.0, 8350.0]
     for step in steps:
         truth = nominal_focus_z_um(params, step["energy_ev"]) + FOCUS_OFFSET_UM
         assert abs(step["zp_z_um"] - truth) <= dof_um(step["energy_ev"]) / 5, (step, truth)
         assert step["score"] is not None
-    assert 8300.0 in out["refocus_events"]
+    assert 8250.0 in out["refocus_events"]
     assert steps[-1]["magnification_ratio"] < 1.0  # the focal length grows with energy
     assert _get(bl.sim_pv(pvnames.TRUTH_PVS["focus_z_um"])) == pytest.approx(
-        nominal_focus_z_um(params, 8360.0) + FOCUS_OFFSET_UM, abs=1e-3)
+        nominal_focus_z_um(params, 8350.0) + FOCUS_OFFSET_UM, abs=1e-3)
 
 
 def _centroids(url: str, stop: threading.Event, out: list) -> None:
@@ -278,7 +280,8 @@ def test_beam_loop_enabled_over_ca_holds_the_centroid_against_drift(tmp_path):
 
 
 def _jump_mask(t_s: np.ndarray, xy: np.ndarray, hold_s: float) -> tuple[np.ndarray, int]:
-    """Samples within ``hold_s`` after a jump of the true spot (> 5 px between samples)."""
+    """Samples within ``hold_s`` after a step of the true spot (> 5 px between samples: a
+    jump, or the loop's correction of one), and the number of such steps."""
     steps = np.flatnonzero(np.hypot(*np.diff(xy, axis=0).T) > 5.0)
     mask = np.zeros(len(t_s), dtype=bool)
     for i in steps:
@@ -289,8 +292,11 @@ def _jump_mask(t_s: np.ndarray, xy: np.ndarray, hold_s: float) -> tuple[np.ndarr
 @pytest.mark.timeout(240)
 def test_beam_loop_holds_the_true_spot_through_drift_and_jumps_on_a_tuned_field(tmp_path):
     # The hardest case for the loop: the shaker tuned to a flat field first (the centroid
-    # then moves least with the beam), a 1 px/s drift and 20 px jumps every ~10 s.
-    bl = _start(tmp_path, drift_px_per_s=1.0, jump_interval_s=10.0, seed=2)
+    # then moves least with the beam), a 1 px/s drift and 20 px jumps every ~12 s. Seed 25
+    # puts the jumps (sim clock, s) at 8, 55.9, 67.3, 74.2, 75.9, 92.2, 95.7, 110.7, ...: the
+    # set-up and the calibration fall in the quiet stretch, and any 40 s window after it holds
+    # jumps (a calibration hit by one would measure again); the window is 60 s.
+    bl = _start(tmp_path, drift_px_per_s=1.0, jump_interval_s=12.0, seed=25)
     stop, centroids = threading.Event(), []
     listener = threading.Thread(target=_centroids, args=(bl.results, stop, centroids))
     listener.start()
@@ -300,13 +306,13 @@ def test_beam_loop_holds_the_true_spot_through_drift_and_jumps_on_a_tuned_field(
         assert shaker["verdict"] == "resolved", shaker["reason"]
         _put(bl.live_pv("BEAMFB:ENABLE"), 1)  # calibrates, then holds the centroid found
         _wait_for(lambda: _get(bl.live_pv("BEAMFB:STATE"), as_string=True) == "running", 90,
-                  "BEAMFB:STATE running")
+                  "BEAMFB:STATE running", lambda: "\n".join(bl.run_log[-30:]))
         setpoint = (_get(bl.live_pv("BEAMFB:SETPOINT_X_PX")),
                     _get(bl.live_pv("BEAMFB:SETPOINT_Y_PX")))
         time.sleep(3.0)  # settle
         t0_ns = time.time_ns()
         samples = []
-        while time.time_ns() - t0_ns < 40e9:
+        while time.time_ns() - t0_ns < 60e9:
             samples.append((time.time_ns(), _get(bl.sim_pv("TRUTH:BEAM_X_PX")),
                             _get(bl.sim_pv("TRUTH:BEAM_Y_PX"))))
             time.sleep(0.1)
@@ -322,7 +328,7 @@ def test_beam_loop_holds_the_true_spot_through_drift_and_jumps_on_a_tuned_field(
     jumped, n_jumps = _jump_mask(t_s, xy, hold_s=1.5)
     assert n_jumps >= 1, "no beam jump in the window"
     # The true spot is held where the loop found it: without the loop it would have drifted
-    # 40 px and jumped n_jumps × 20 px.
+    # 60 px and jumped n_jumps × 20 px.
     held = xy[~jumped]
     error = np.hypot(*(held - np.median(held, axis=0)).T)
     rms_true = float(np.sqrt(np.mean(error ** 2)))
@@ -333,8 +339,9 @@ def test_beam_loop_holds_the_true_spot_through_drift_and_jumps_on_a_tuned_field(
         near_jump |= (m_t >= t_s[i] - 0.2) & (m_t < t_s[i + 1] + 1.5)
     m_err = np.hypot(window[~near_jump, 1] - setpoint[0], window[~near_jump, 2] - setpoint[1])
     rms_measured = float(np.sqrt(np.mean(m_err ** 2)))
-    print(f"beam: {n_jumps} jump(s); true spot RMS {rms_true:.2f} px, measured centroid RMS "
-          f"{rms_measured:.2f} px over {len(held)} / {len(m_err)} samples after settling")
+    print(f"beam: {n_jumps} step(s) > 5 px (jumps, corrections); true spot RMS "
+          f"{rms_true:.2f} px, measured centroid RMS {rms_measured:.2f} px over {len(held)} / "
+          f"{len(m_err)} samples after settling")
     assert rms_true <= 1.0, (rms_true, n_jumps)
     assert rms_measured <= 1.0
     moves = [line for line in bl.run_log if "[beam] move:" in line]
