@@ -38,7 +38,7 @@ from scipy import optimize
 from feedback.autofocus import AutofocusConfig, FocusSearch, focus_search
 from feedback.commands import Acquire, Command, Done, Log, Procedure, Verdict
 from feedback.optics import ZonePlate, in_focus_distance_um
-from feedback.safety import STOP_ERRORS, Guard, IntensityRule, Motion, metric
+from feedback.safety import STOP_ERRORS, Guard, IntensityRule, Motion, mean_of, metric
 
 MODEL_KINDS = ("thin_lens", "linear")
 """Kinds of :class:`FocusModel`."""
@@ -319,7 +319,7 @@ class _Tracker:
             cfg.zp_role, predicted, f"follow focus to {energy_ev:g} eV",
             {"model": self.model.kind, "dr_nm": self.model.zone_plate.dr_nm})
         measured = yield from self.scores(cfg.frames_per_step)
-        score = float(np.mean([s for _, s in measured]))
+        score = mean_of([s for _, s in measured])
         step = EnergyStep(energy_ev, predicted, self.motion.position[cfg.zp_role], score)
         dropped = (self.reference_score is not None
                    and score < (1.0 - cfg.drop_fraction) * self.reference_score)

@@ -25,7 +25,7 @@ import enum
 import logging
 import math
 import numbers
-from collections.abc import Generator, Iterable, Mapping
+from collections.abc import Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -399,6 +399,11 @@ def stream_is_stale(last_result_ns: int | None, now_ns: int, max_age_s: float) -
 def metric(result: Result, key: str) -> float | None:
     """``result["metrics"][key]`` as a finite float, or None when missing or not finite."""
     return finite_or_none((result.get("metrics") or {}).get(key))
+
+
+def mean_of(values: Sequence[float]) -> float:
+    """Mean of finite metric values (at least one) that cannot overflow, however large."""
+    return math.fsum(v / len(values) for v in values)
 
 
 class Motion:

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from feedback.commands import Acquire, Command, Done, Log, Procedure, Verdict
-from feedback.safety import STOP_ERRORS, Guard, Motion, finite_or_none, metric
+from feedback.safety import STOP_ERRORS, Guard, Motion, finite_or_none, mean_of, metric
 
 
 @dataclass(frozen=True)
@@ -156,11 +156,6 @@ def whole_period_frequency(freq_hz: float, exposure_s: float, limits: tuple[floa
     return min(max(periods / exposure_s, low), high), periods
 
 
-def _mean(values: list[float]) -> float:
-    """Mean of finite metric values that cannot overflow, however large they are."""
-    return math.fsum(v / len(values) for v in values)
-
-
 class _Stop(Exception):
     """Ends the tuning early with a verdict (settings go back to the start)."""
 
@@ -204,12 +199,12 @@ class _Tuner:
         flats = yield from self.frames(cfg.flat_frames, "flat", ("uniformity_cv", "mean_counts"))
         cvs = [v for v in (metric(r, "uniformity_cv") for r in flats) if v is not None]
         counts = [v for v in (metric(r, "mean_counts") for r in flats) if v is not None]
-        light = _mean(counts) - cfg.dark_counts if counts else None
-        probe = Probe(here, _mean(cvs) if cvs else None, light)
+        light = mean_of(counts) - cfg.dark_counts if counts else None
+        probe = Probe(here, mean_of(cvs) if cvs else None, light)
         if cfg.measure_na_fill:
             data = yield from self.frames(cfg.data_frames, "data", ("na_fill",))
             fills = [v for v in (metric(r, "na_fill") for r in data) if v is not None]
-            probe.na_fill = _mean(fills) if fills else None
+            probe.na_fill = mean_of(fills) if fills else None
         if amplitude is not None:
             self.probes.append(probe)
         return probe
@@ -298,7 +293,7 @@ def _search(tuner: _Tuner, state: dict[str, Any]
     flats = yield from tuner.frames(cfg.flat_frames, "flat", ("uniformity_cv", "mean_counts"))
     exposure = finite_or_none(flats[0].get("exposure_s"))
     counts = [v for v in (metric(r, "mean_counts") for r in flats) if v is not None]
-    light = _mean(counts) - cfg.dark_counts if counts else None
+    light = mean_of(counts) - cfg.dark_counts if counts else None
     if light is None or light <= cfg.min_light_counts:
         raise _Stop(Verdict.FLAT, f"no light on the flat frames (mean {light!r} counts above "
                                   "the dark)")

@@ -21,7 +21,7 @@ from feedback.focus_tracking import (
 )
 from feedback.safety import RoleLimits
 from hw.sim import optics as sim_optics
-from tests.test_autofocus import ScriptedBench, SimBench, default_guard, metric_values, sim_params
+from tests.feedback_bench import ScriptedBench, SimBench, default_guard, metric_values, sim_params
 
 ZP = optics.ZonePlate()
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from feedback.commands import Move, Verdict, drive
 from feedback.safety import RoleLimits
 from feedback.shaker import ShakerConfig, tune_shaker, whole_period_frequency
-from tests.test_autofocus import ScriptedBench, SimBench, default_guard, metric_values, sim_params
+from tests.feedback_bench import ScriptedBench, SimBench, default_guard, metric_values, sim_params
 
 FIELD_UM = 2.5455  # reference field of view of the 256-px simulator, µm
 
