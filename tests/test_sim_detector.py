@@ -530,3 +530,25 @@ def test_sinusoidal_vibration_along_x() -> None:
     truth = sim.render(state, t)[1]
     assert truth["vibration_x_nm"] == pytest.approx(7.0)
     assert truth["vibration_y_nm"] == 0.0
+
+
+def test_a_flattened_field_hides_the_beam_from_the_centre_of_mass_not_from_its_top() -> None:
+    # Why the pipeline's beam centroid defaults to the brightest 10 % ([metrics]
+    # centroid_fraction = 0.9): on a field the shaker has flattened to ~1.5 %, the centre of
+    # mass barely moves with the beam; the top of the illumination still does.
+    from stream.metrics import MetricsConfig, MetricsEngine
+
+    sim = make_sim(256)
+    flat = dataclasses.replace(sim.default_state(), shaker_amp_um=1.55 * sim.params.fill_amp)
+    assert sim.render(flat, 0.0)[1]["uniformity_cv"] < 0.02
+    sensitivity = {}
+    for fraction in (0.0, 0.9):
+        engine = MetricsEngine(MetricsConfig(centroid_fraction=fraction))
+        x, beam = [], []
+        for steer in (0.0, 0.5):  # 0.5 steering units: 5 px of beam motion
+            image, truth = sim.render(dataclasses.replace(flat, beam_x=steer), 0.0)
+            x.append(engine.cheap(image.astype(np.float32))["centroid_x_px"])
+            beam.append(truth["beam_x_px"])
+        sensitivity[fraction] = (x[1] - x[0]) / (beam[1] - beam[0])
+    assert 0.0 < sensitivity[0.0] < 0.1
+    assert sensitivity[0.9] > 0.25 and sensitivity[0.9] > 5 * sensitivity[0.0]
