@@ -66,7 +66,6 @@ def preview_message(seq: int, *, shape: tuple[int, int] = (128, 128), bin_factor
         "cutoff_x_per_um": cutoff, "cutoff_y_per_um": cutoff, "band_power": 3.0,
         "na_fill": 0.9, "psd_verdict": "resolved",
         "metrics_roi": [full_rows // 4, full_cols // 4, full_rows // 2, full_cols // 2],
-        "beam_setpoint_x_px": 0.0, "beam_setpoint_y_px": 0.0,
     }
     if with_psd:
         freqs, psd = psd_curve(cutoff)

@@ -214,23 +214,23 @@ def test_full_frame_pixels_map_onto_preview_coordinates():
     model = ViewModel()
     msg = preview_message(0, shape=(100, 120), bin_factor=4,
                           metrics={"metrics_roi": [40, 80, 200, 160],
-                                   "centroid_x_px": 241.5, "centroid_y_px": 101.5,
-                                   "beam_setpoint_x_px": 4.0, "beam_setpoint_y_px": -8.0})
+                                   "centroid_x_px": 241.5, "centroid_y_px": 101.5},
+                          status={"beamfb_setpoint_x_px": 243.5,
+                                  "beamfb_setpoint_y_px": 191.5})
     model.update(msg)
     assert model.roi_rect() == (20.0, 10.0, 60.0, 60.0)
     assert model.centroid() == (60.5, 25.5)
-    # field centre of the 480 × 400 full frame: (239.5, 199.5)
     assert model.setpoint() == (full_to_preview(243.5, 4), full_to_preview(191.5, 4))
-    assert model.beam_error_px() == (241.5 - 239.5 - 4.0, 101.5 - 199.5 + 8.0)
+    assert model.beam_error_px() == (241.5 - 243.5, 101.5 - 191.5)
     t, ex = model.traces["beam_x_err_px"].arrays()
     assert ex[-1] == -2.0 and model.traces["beam_y_err_px"].latest == -90.0
 
 
 def test_without_setpoint_the_error_is_from_the_field_centre():
     model = ViewModel()
-    metrics = {"beam_setpoint_x_px": None, "beam_setpoint_y_px": None, "metrics_roi": None,
-               "centroid_x_px": 300.0, "centroid_y_px": None}
-    model.update(preview_message(0, shape=(100, 120), bin_factor=4, metrics=metrics))
+    metrics = {"metrics_roi": None, "centroid_x_px": 300.0, "centroid_y_px": None}
+    model.update(preview_message(0, shape=(100, 120), bin_factor=4, metrics=metrics,
+                                 status={"beamfb_setpoint_x_px": None}))
     assert model.setpoint() is None and model.roi_rect() is None and model.centroid() is None
     assert model.beam_error_px() == (300.0 - 239.5, None)
 

@@ -12,11 +12,11 @@ first and then at the top level of the message:
 - ``psd_freqs_per_um``, ``psd`` (equal-length lists) and ``psd_floor`` (scalar, PSD units):
   the radial PSD curve and its noise floor;
 - ``metrics_roi``: ``[row, col, height, width]`` of the metrics ROI, full-frame px;
-- ``beam_setpoint_x_px``, ``beam_setpoint_y_px``: beam position setpoint, full-frame px from
-  the field centre (the convention of the PV server's ``beamfb_setpoint_*_px``).
 
 Feedback loops report in ``status`` as ``{loop}_state`` and ``{loop}_verdict`` strings (the PV
-server's names: ``af_state``, ``af_verdict``, ``beamfb_state``, ``shaker_verdict``).
+server's names: ``af_state``, ``af_verdict``, ``beamfb_state``, ``shaker_verdict``), and the beam
+loop's setpoint as ``beamfb_setpoint_x_px``, ``beamfb_setpoint_y_px`` (full-frame px, as
+``BEAMFB:SETPOINT_X_PX``); without them the beam error is taken from the field centre.
 
 Coordinates: full-frame pixel ``p`` (pixel centres at integers) lies at ``(p + 0.5) / bin`` in
 the preview's image coordinates, where preview pixel ``i`` covers ``[i, i + 1)``.
@@ -467,21 +467,21 @@ class ViewModel:
             return None
         return full_to_preview(cx, self.bin_factor), full_to_preview(cy, self.bin_factor)
 
-    def _setpoint_offset_px(self) -> tuple[float, float] | None:
-        sx = _num(_lookup(self.message, "beam_setpoint_x_px"))
-        sy = _num(_lookup(self.message, "beam_setpoint_y_px"))
+    def _setpoint_full_px(self) -> tuple[float, float] | None:
+        status = (self.message or {}).get("status") or {}
+        sx = _num(status.get("beamfb_setpoint_x_px"))
+        sy = _num(status.get("beamfb_setpoint_y_px"))
         return None if sx is None or sy is None else (sx, sy)
 
     def setpoint(self) -> tuple[float, float] | None:
         """Beam setpoint ``(x, y)`` in preview image coordinates, or None when not sent."""
         if self.message is None:
             return None
-        offset = self._setpoint_offset_px()
-        if offset is None:
+        full = self._setpoint_full_px()
+        if full is None:
             return None
-        x0, y0 = self._field_centre_px()
         b = self.bin_factor
-        return full_to_preview(x0 + offset[0], b), full_to_preview(y0 + offset[1], b)
+        return full_to_preview(full[0], b), full_to_preview(full[1], b)
 
     def beam_error_px(self) -> tuple[float | None, float | None]:
         """Centroid − setpoint (field centre when none is sent), full-frame px."""
@@ -489,6 +489,5 @@ class ViewModel:
             return None, None
         metrics = self.message.get("metrics") or {}
         cx, cy = _num(metrics.get("centroid_x_px")), _num(metrics.get("centroid_y_px"))
-        x0, y0 = self._field_centre_px()
-        sx, sy = self._setpoint_offset_px() or (0.0, 0.0)
-        return (None if cx is None else cx - x0 - sx), (None if cy is None else cy - y0 - sy)
+        sx, sy = self._setpoint_full_px() or self._field_centre_px()
+        return (None if cx is None else cx - sx), (None if cy is None else cy - sy)
