@@ -303,7 +303,7 @@ def fit_focus(z_um: Sequence[float], scores: Sequence[float], *, dof_um: float |
     if structure is False:
         return FocusFit(Verdict.FLAT, None, None,
                         "the images show no structure (no significant PSD signal)", **fit)
-    stats_text = (f"amplitude {amplitude * scale:.3g} ± {errors[1] * scale:.3g}, "
+    stats_text = (f"amplitude {float(amplitude) * scale:.3g} ± {float(errors[1]) * scale:.3g}, "
                   f"p(flat) = {p_flat:.2g}")
     fit["signal"] = not (spread * scale <= min_amplitude or p_flat > p_flat_max)
     if not fit["signal"]:
