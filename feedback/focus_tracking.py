@@ -3,7 +3,7 @@
 Model
 -----
 With the sample and the detector a fixed distance ``L`` apart, the in-focus ZP–sample distance
-is ``p(E) = 2Lf/(L + √(L² − 4Lf))`` with ``f = D·Δr·E/hc`` (:mod:`feedback.optics`), and the
+is ``p(E) = 2Lf/(L + √(L² − 4Lf))`` with ``f = D·Δr·E/hc`` (:mod:`stream.optics`), and the
 focus motor reads ``z = s·p(E) + c`` (``s = ±1``: the motor's direction, ``c``: its zero).
 :func:`fit_focus_model` fits the effective Δr (it absorbs the uncertainty of D and of the
 nominal zone width) and the offset ``c`` to ≥ 2 in-focus calibration points ``(E, z)``. The
@@ -37,8 +37,9 @@ from scipy import optimize
 
 from feedback.autofocus import AutofocusConfig, FocusSearch, focus_search
 from feedback.commands import Acquire, Command, Done, Log, Procedure, Verdict
-from feedback.optics import ZonePlate, in_focus_distance_um
+from feedback.optics import ZonePlate
 from feedback.safety import STOP_ERRORS, Guard, IntensityRule, Motion, mean_of, metric
+from stream.optics import in_focus_zp_um
 
 MODEL_KINDS = ("thin_lens", "linear")
 """Kinds of :class:`FocusModel`."""
@@ -155,7 +156,7 @@ def fit_focus_model(points: Sequence[tuple[float, float]], zone_plate: ZonePlate
                           float(np.sqrt(np.mean(residual ** 2))))
 
     def distances(dr_nm: float) -> np.ndarray:
-        return np.array([in_focus_distance_um(e, zone_plate.diameter_um, dr_nm,
+        return np.array([in_focus_zp_um(e, zone_plate.diameter_um, dr_nm,
                                               zone_plate.sample_detector_um) for e in energy])
 
     def rss(dr_nm: float) -> float:

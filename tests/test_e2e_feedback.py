@@ -34,11 +34,11 @@ import pytest
 import zmq
 
 from feedback.executor import PUT_KINDS
-from feedback.optics import depth_of_focus_um
 from hw import pvnames
 from hw.epics_env import configure_ca_client, free_ca_port
 from hw.sim.beamline import nominal_focus_z_um
 from hw.sim.detector import SimParams
+from stream.optics import depth_of_focus_um
 from stream.publish import decode_message
 from tests.procs import spawn_cli
 from txmlive.config import Config, render_config

@@ -10,7 +10,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from feedback import optics
 from feedback.autofocus import autofocus
 from feedback.commands import Verdict, drive
 from feedback.focus_tracking import (
@@ -19,36 +18,26 @@ from feedback.focus_tracking import (
     energy_scan,
     fit_focus_model,
 )
+from feedback.optics import ZonePlate
 from feedback.safety import RoleLimits
 from hw.sim import optics as sim_optics
+from stream import optics as zp_optics
 from tests.feedback_bench import ScriptedBench, SimBench, default_guard, metric_values, sim_params
 
-ZP = optics.ZonePlate()
-
-
-@pytest.mark.parametrize("energy_ev", [5000.0, 7123.4, 8300.0, 14000.0])
-@pytest.mark.parametrize("diameter_um, dr_nm, length_um", [(125.0, 25.0, 700e3),
-                                                            (200.0, 40.0, 1.5e6)])
-def test_feedback_optics_agree_with_the_simulator(energy_ev, diameter_um, dr_nm, length_um):
-    assert optics.wavelength_nm(energy_ev) == pytest.approx(sim_optics.wavelength_nm(energy_ev))
-    assert optics.depth_of_focus_um(energy_ev, dr_nm) == pytest.approx(
-        sim_optics.depth_of_focus_um(energy_ev, dr_nm))
-    assert optics.focal_length_um(energy_ev, diameter_um, dr_nm) == pytest.approx(
-        sim_optics.focal_length_um(energy_ev, diameter_um, dr_nm))
-    assert optics.in_focus_distance_um(energy_ev, diameter_um, dr_nm, length_um) == \
-        pytest.approx(sim_optics.in_focus_zp_um(energy_ev, diameter_um, dr_nm, length_um))
-    assert optics.magnification(energy_ev, diameter_um, dr_nm, length_um) == pytest.approx(
-        sim_optics.magnification(energy_ev, diameter_um, dr_nm, length_um))
+ZP = ZonePlate()
 
 
 def test_optics_known_values_and_bad_input():
-    assert optics.depth_of_focus_um(8000.0, 25.0) == pytest.approx(8.0656, abs=1e-4)
+    assert zp_optics.depth_of_focus_um(8000.0, 25.0) == pytest.approx(8.0656, abs=1e-4)
+    assert ZP.dof_um(8000.0) == zp_optics.depth_of_focus_um(8000.0, 25.0)
     with pytest.raises(ValueError, match="energy_ev"):
-        optics.wavelength_nm(-1.0)
+        zp_optics.wavelength_nm(-1.0)
+    with pytest.raises(ValueError, match="energy_ev must be a number"):
+        zp_optics.wavelength_nm("8 keV")
     with pytest.raises(ValueError, match="shorter than 4 focal lengths"):
-        optics.in_focus_distance_um(14000.0, 125.0, 25.0, 1e4)
+        zp_optics.in_focus_zp_um(14000.0, 125.0, 25.0, 1e4)
     with pytest.raises(ValueError, match="dr_nm"):
-        optics.ZonePlate(dr_nm=0.0)
+        ZonePlate(dr_nm=0.0)
 
 
 def true_focus_um(energy_ev: float, dr_nm: float = 25.4, offset_um: float = 3.0,

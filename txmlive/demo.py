@@ -24,9 +24,9 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from feedback.optics import depth_of_focus_um
 from hw import pvnames
 from hw.epics_env import free_ca_port
+from stream.optics import depth_of_focus_um
 from txmlive.config import Config, render_config
 from txmlive.ports import free_tcp_url
 

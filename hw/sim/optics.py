@@ -1,7 +1,8 @@
 """Optics of the simulated TXM: photon energy, zone plate, thin-lens geometry, resolution.
 
 Everything here is a small pure function of explicit arguments (lengths in µm unless the name
-says otherwise, energies in eV, spatial frequencies in µm⁻¹).
+says otherwise, energies in eV, spatial frequencies in µm⁻¹). The zone-plate and thin-lens
+formulas are those of :mod:`stream.optics` (shared with the controllers), re-exported here.
 
 Zone plate (ZP)
 ---------------
@@ -53,15 +54,22 @@ import math
 import numpy as np
 from scipy.special import j1
 
-HC_EV_NM = 1239.84
-"""h·c in eV·nm: λ[nm] = HC_EV_NM / E[eV]."""
+from stream.optics import (
+    depth_of_focus_um,
+    focal_length_um,
+    in_focus_zp_um,
+    magnification,
+    numerical_aperture,
+    positive,
+    wavelength_nm,
+)
 
-
-def _positive(name: str, value: float) -> float:
-    value = float(value)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return value
+# The zone-plate formulas have one home (stream.optics); they are part of this model's API.
+__all__ = [
+    "blur_diameter_um", "cutoff_per_um", "defocus_envelope", "defocus_um", "depth_of_focus_um",
+    "focal_length_um", "in_focus_zp_um", "magnification", "numerical_aperture", "pixel_nm",
+    "pupil_transfer", "resolution_nm", "transfer_functions", "wavelength_nm",
+]
 
 
 def _fill(fill: float) -> float:
@@ -69,72 +77,6 @@ def _fill(fill: float) -> float:
     if not 0.0 <= fill <= 1.0:
         raise ValueError(f"condenser fill must be in [0, 1], got {fill!r}")
     return fill
-
-
-def wavelength_nm(energy_ev: float) -> float:
-    """Photon wavelength in nm: ``1239.84 / E``.
-
-    Parameters
-    ----------
-    energy_ev : float
-        Photon energy, eV.
-    """
-    return HC_EV_NM / _positive("energy_ev", energy_ev)
-
-
-def focal_length_um(energy_ev: float, diameter_um: float = 125.0, dr_nm: float = 25.0) -> float:
-    """Zone-plate focal length ``f = D·Δr/λ`` in µm (linear in energy).
-
-    Parameters
-    ----------
-    energy_ev : float
-        Photon energy, eV.
-    diameter_um : float
-        Zone-plate diameter D, µm.
-    dr_nm : float
-        Outermost zone width Δr, nm.
-    """
-    return (_positive("diameter_um", diameter_um) * _positive("dr_nm", dr_nm)
-            / wavelength_nm(energy_ev))
-
-
-def numerical_aperture(energy_ev: float, dr_nm: float = 25.0) -> float:
-    """Zone-plate numerical aperture ``NA = λ/(2Δr)`` (dimensionless)."""
-    return wavelength_nm(energy_ev) / (2.0 * _positive("dr_nm", dr_nm))
-
-
-def depth_of_focus_um(energy_ev: float, dr_nm: float = 25.0) -> float:
-    """Half-width of the depth of focus, ``2Δr²/λ``, in µm (the DOF is ± this)."""
-    dr = _positive("dr_nm", dr_nm)
-    return 2.0 * dr * dr / wavelength_nm(energy_ev) * 1e-3
-
-
-def in_focus_zp_um(energy_ev: float, diameter_um: float = 125.0, dr_nm: float = 25.0,
-                   sample_detector_um: float = 700e3) -> float:
-    """In-focus ZP object distance ``p`` (ZP to sample), µm, for a fixed sample–detector ``L``.
-
-    Solves ``1/p + 1/(L − p) = 1/f`` for the root near the sample (the magnifying one).
-
-    Raises
-    ------
-    ValueError
-        When ``L < 4f``: no ZP position focuses the sample onto the detector.
-    """
-    length = _positive("sample_detector_um", sample_detector_um)
-    f = focal_length_um(energy_ev, diameter_um, dr_nm)
-    disc = length * length - 4.0 * length * f
-    if disc < 0:
-        raise ValueError(
-            f"sample_detector_um={length:g} is shorter than 4 focal lengths "
-            f"({4 * f:g} µm at {energy_ev:g} eV): no in-focus ZP position exists")
-    return 2.0 * length * f / (length + math.sqrt(disc))
-
-
-def magnification(energy_ev: float, diameter_um: float = 125.0, dr_nm: float = 25.0,
-                  sample_detector_um: float = 700e3) -> float:
-    """X-ray magnification ``M = (L − p)/p`` of the in-focus ZP at this energy."""
-    p = in_focus_zp_um(energy_ev, diameter_um, dr_nm, sample_detector_um)
-    return (sample_detector_um - p) / p
 
 
 def pixel_nm(energy_ev: float, objective_mag: float = 20.0, diameter_um: float = 125.0,
@@ -150,8 +92,8 @@ def pixel_nm(energy_ev: float, objective_mag: float = 20.0, diameter_um: float =
         Camera pixel pitch, µm.
     """
     m_total = (magnification(energy_ev, diameter_um, dr_nm, sample_detector_um)
-               * _positive("objective_mag", objective_mag))
-    return _positive("camera_pixel_um", camera_pixel_um) * 1e3 / m_total
+               * positive("objective_mag", objective_mag))
+    return positive("camera_pixel_um", camera_pixel_um) * 1e3 / m_total
 
 
 def defocus_um(zp_object_um: float, energy_ev: float, diameter_um: float = 125.0,
@@ -174,8 +116,8 @@ def defocus_um(zp_object_um: float, energy_ev: float, diameter_um: float = 125.0
     ValueError
         When the ZP is so far off that no real plane is conjugate to the detector.
     """
-    p = _positive("zp_object_um", zp_object_um)
-    length = _positive("sample_detector_um", sample_detector_um)
+    p = positive("zp_object_um", zp_object_um)
+    length = positive("sample_detector_um", sample_detector_um)
     f = focal_length_um(energy_ev, diameter_um, dr_nm)
     image_um = length - p
     if image_um <= f:
@@ -188,7 +130,7 @@ def defocus_um(zp_object_um: float, energy_ev: float, diameter_um: float = 125.0
 
 def cutoff_per_um(dr_nm: float, fill: float) -> float:
     """Partially coherent cut-off ``f_c = (1 + σ)/(2Δr)`` in µm⁻¹ (40 µm⁻¹ at Δr 25 nm, σ 1)."""
-    return (1.0 + _fill(fill)) / (2.0 * _positive("dr_nm", dr_nm) * 1e-3)
+    return (1.0 + _fill(fill)) / (2.0 * positive("dr_nm", dr_nm) * 1e-3)
 
 
 def blur_diameter_um(energy_ev: float, dr_nm: float, fill: float, defocus: float) -> float:
@@ -226,7 +168,7 @@ def pupil_transfer(rho_per_um: np.ndarray, dr_nm: float, fill: float) -> np.ndar
         1 for ``ρ ≤ (1 − σ)R``, 0 for ``ρ ≥ (1 + σ)R``.
     """
     rho = np.abs(np.asarray(rho_per_um, dtype=np.float64))
-    big = 0.5 / (_positive("dr_nm", dr_nm) * 1e-3)
+    big = 0.5 / (positive("dr_nm", dr_nm) * 1e-3)
     small = _fill(fill) * big
     if small == 0.0:
         return (rho < big).astype(np.float64)
