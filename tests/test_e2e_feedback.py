@@ -6,7 +6,8 @@ commands as processes, the operator's PVs over Channel Access, scored against th
   most 15 frames; the same through ``AF:START`` on the pipeline's PV server;
 - ``txmlive energy-scan`` over 100 eV around 8.3 keV: the ZP within DOF/5 of the true focus
   at each step;
-- ``txmlive tune-shaker`` from a parked shaker (a hot spot): the simulator's field CV ≤ 2 %;
+- ``txmlive tune-shaker`` and ``SHAKER:TUNE`` from a parked shaker (a hot spot): the
+  simulator's field CV ≤ 2 %;
 - ``BEAMFB:ENABLE`` with no response matrix: calibration, then the centroid held on the
   setpoint against 1 px/s of drift (≤ 1 px RMS), the true spot held still; and, on a field
   flattened by ``tune-shaker``, the true spot held within 1 px RMS through 1 px/s of drift and
@@ -235,6 +236,18 @@ def test_tune_shaker_cli_flattens_a_hot_spot_to_two_percent(tmp_path):
         print(f"shaker: truth CV {cv_hot:.3f} -> {cv_after:.4f} (measured "
               f"{out['uniformity_cv']:.4f}) at {out['amplitude_um']:.3f} um, "
               f"{out['frequency_hz']:g} Hz, {out['frames_used']} frames")
+        # The operator's way: park it again and tune through the pipeline's PV server.
+        epics.Motor(bl.sim_pv("SHAKER:AMP")).move(0.0, wait=True, timeout=30)
+        _wait_for(lambda: _get(bl.sim_pv(pvnames.TRUTH_PVS["uniformity_cv"])) > 0.15, 30,
+                  "the hot spot again")
+        _put(bl.live_pv("SHAKER:TUNE"), 1)
+        verdict = _wait_for(
+            lambda: (v := _get(bl.live_pv("SHAKER:VERDICT"), as_string=True)) not in
+            ("", "running", None) and v, 120, "SHAKER:VERDICT", lambda: "\n".join(
+                bl.run_log[-20:]))
+        assert verdict == "resolved"
+        _wait_for(lambda: _get(bl.sim_pv(pvnames.TRUTH_PVS["uniformity_cv"])) <= 0.02, 10,
+                  "a flat field after SHAKER:TUNE")
     finally:
         codes = _stop(bl)
     assert codes == {"run": 0, "sim": 0}
