@@ -6,6 +6,8 @@
   baseline (:mod:`bench.throughput`);
 - ``kernels``: per-kernel times against plain numpy and the memory-copy floor
   (:mod:`bench.kernels`);
+- ``feedback``: the feedback procedures against today's practice on the simulator, scored by
+  its ground truth (accuracy, not speed; :mod:`bench.feedback`);
 - ``report``: ``bench/RESULTS.md`` from the JSON files in ``bench/out/`` (:mod:`bench.report`).
 
 Each writes JSON to ``bench/out/`` by default; ``txmlive bench COMMAND -h`` lists its options.
@@ -16,7 +18,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-COMMANDS = ("latency", "throughput", "kernels", "report")
+COMMANDS = ("latency", "throughput", "kernels", "feedback", "report")
 
 
 def _command(name: str) -> Callable[[list[str] | None], int]:
@@ -27,6 +29,8 @@ def _command(name: str) -> Callable[[list[str] | None], int]:
         from bench.throughput import main
     elif name == "kernels":
         from bench.kernels import main
+    elif name == "feedback":
+        from bench.feedback import main
     else:
         from bench.report import main
     return main

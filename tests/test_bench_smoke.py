@@ -224,3 +224,21 @@ def test_baseline_psd_of_white_noise_reads_its_variance():
     psd = numpy_psd(roi, radial_bins(roi.shape))
     assert psd.shape == (64,)
     assert np.median(psd) == pytest.approx(16.0, rel=0.1)
+
+
+def test_feedback_comparison_smoke(out_dir):
+    # Accuracy, not speed: one start per dose and a short beam hold, scored by the simulator.
+    path = out_dir / "feedback.json"
+    assert main(["feedback", "--starts", "1", "--beam-seconds", "5", "--json", str(path)]) == 0
+    report = json.loads(path.read_text())
+    assert report["kind"] == "feedback"
+    for dose in ("normal", "low"):
+        block = report["autofocus"]["doses"][dose]
+        assert block["runs"][0]["autofocus"]["verdict"] == "resolved"
+        assert block["autofocus"]["max_error_dof"] <= 0.2
+        assert block["hill_climb"]["median_frames"] >= 5
+    assert report["shaker"]["tuned"]["cv"] <= 0.02 < report["shaker"]["rule_of_thumb"]["cv"]
+    for method in ("pi", "fixed_step"):
+        assert {"rms_px", "settled_rms_px", "moves"} <= set(report["beam"][method])
+    from bench.report import feedback_section
+    assert any("hill-climber" in line for line in feedback_section(out_dir))
