@@ -1,7 +1,7 @@
 """``txmlive bench feedback``: the feedback procedures against today's practice, on the simulator.
 
 Accuracy, not speed. Each comparison runs both methods on the same simulated beamline (same
-seeds, same starts) through :class:`tests.feedback_bench.SimBench` — the simulator behind a
+seeds, same starts) through :class:`bench.simbench.SimBench` — the simulator behind a
 stand-in for the executor that renders and measures frames like the pipeline and hands the
 procedures only frames taken after their last move — and scores them against the simulator's
 ground truth:
@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from bench.kernels import code_version
+from bench.simbench import SimBench, default_guard, sim_params
 from feedback.autofocus import AutofocusConfig, autofocus
 from feedback.beam import BeamFeedback, SetpointTable, calibrate_response
 from feedback.commands import Acquire, Command, Done, Move, Procedure, Verdict, drive
@@ -42,7 +43,6 @@ from feedback.optics import ZonePlate
 from feedback.runtime import response_from_result
 from feedback.safety import Guard, Motion, RoleLimits, metric
 from feedback.shaker import tune_shaker
-from tests.feedback_bench import SimBench, default_guard, sim_params
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
 

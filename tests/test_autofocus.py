@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bench.simbench import SimBench, default_guard, sim_params
 from feedback.autofocus import AutofocusConfig, autofocus, fit_focus
 from feedback.commands import (
     Acquire,
@@ -26,13 +27,7 @@ from feedback.commands import (
 )
 from feedback.optics import ZonePlate
 from feedback.safety import Guard, RoleLimits
-from tests.feedback_bench import (
-    ScriptedBench,
-    SimBench,
-    default_guard,
-    metric_values,
-    sim_params,
-)
+from tests.feedback_bench import ScriptedBench, metric_values
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 ZP = ZonePlate()

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bench.simbench import SimBench, default_guard, sim_params
 from feedback.autofocus import autofocus
 from feedback.commands import Verdict, drive
 from feedback.focus_tracking import (
@@ -22,7 +23,7 @@ from feedback.optics import ZonePlate
 from feedback.safety import RoleLimits
 from hw.sim import optics as sim_optics
 from stream import optics as zp_optics
-from tests.feedback_bench import ScriptedBench, SimBench, default_guard, metric_values, sim_params
+from tests.feedback_bench import ScriptedBench, metric_values
 
 ZP = ZonePlate()
 

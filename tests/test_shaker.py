@@ -8,10 +8,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bench.simbench import SimBench, default_guard, sim_params
 from feedback.commands import Move, Verdict, drive
 from feedback.safety import RoleLimits
 from feedback.shaker import ShakerConfig, tune_shaker, whole_period_frequency
-from tests.feedback_bench import ScriptedBench, SimBench, default_guard, metric_values, sim_params
+from tests.feedback_bench import ScriptedBench, metric_values
 
 FIELD_UM = 2.5455  # reference field of view of the 256-px simulator, µm
 
