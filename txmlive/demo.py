@@ -265,7 +265,7 @@ class Demo:
             autofocus = _cli_json(["autofocus", *cfg], "autofocus", 300, self.out_dir)
             truth = self._truth(epics, "focus_z_um")
             autofocus["truth_z_um"] = truth
-            if autofocus.get("best_z_um") is not None and truth is not None:
+            if autofocus.get("best_z_um") is not None:
                 autofocus["error_um"] = autofocus["best_z_um"] - truth
             summary["autofocus"] = autofocus
             self.af_verdict = str(autofocus.get("verdict", ""))
