@@ -193,9 +193,9 @@ def run_beam(method: str, seconds: float, seed: int, fixed_step: float = 0.05
     t_end = bench.t_s + seconds
     while bench.t_s < t_end:
         result = _raw(bench)
-        truth = bench.sim.render(replace(bench.current_state(), frame_type="FlatField"),
-                                 bench.t_s)[1]
-        held.append((truth["beam_x_px"], truth["beam_y_px"]))
+        state = bench.current_state()  # the frame's: the moves it causes come below
+        held.append(bench.sim.beam_offset_px(  # where the frame saw it: mid-exposure
+            state, result["t_ns"] * 1e-9 + 0.5 * state.exposure_s))
         if method == "pi":
             step = loop.update(result, bench.t_ns)
             for move in step.moves:
